@@ -1,0 +1,14 @@
+"""progadv-trl: step-level progress advantage, ``beta * (log pi - log pi_ref)``, for TRL runs and agent logs."""
+
+__version__ = "0.1.0"
+
+from .config import ProgressAdvantageConfig
+from .data import Message, ProgadvDataError, ToolCall, Trajectory
+from .loaders import load_trajectories, save_trajectories
+from .results import StepScore, TrajectoryScore
+from .scorer import ProgressAdvantageScorer
+
+__all__ = [
+    "Message", "ProgadvDataError", "ProgressAdvantageConfig", "ProgressAdvantageScorer", "StepScore", "ToolCall",
+    "Trajectory", "TrajectoryScore", "__version__", "load_trajectories", "save_trajectories",
+]

@@ -1,0 +1,160 @@
+"""``ProgressAdvantageConfig``: everything a user sets for scoring, in one dataclass, readable from YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .advantage import STEP_AGGREGATIONS, TOKEN_AGGREGATIONS
+from .baselines import BASELINES
+from .uses import ATTRIBUTION_METHODS
+
+CONFIG_VERSION = 1
+RENDERINGS = ("chat_template", "plain")
+COMPAT_MODES = ("authors",)
+
+
+@dataclass
+class ProgressAdvantageConfig:
+    r"""
+    Configuration of progress-advantage scoring.
+
+    Parameters:
+        beta (`float`, *optional*, defaults to `1.0`):
+            Scale of the log-ratio, ``A_t = beta * (log pi - log pi_ref)``. Use the trainer's KL coefficient; with a
+            beta-0 run (TRL's GRPO default, DAPO) keep 1.0. It changes no ranking, AUROC or argmin.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Both models' logits are divided by it, as TRL does with its generation temperature.
+        token_agg (`str` or `None`, *optional*, defaults to `None`):
+            How a step's token advantages are aggregated: ``"sum"``, ``"mean"``, ``"last"``, ``"min"``, ``"max"``.
+            ``None`` means ``"sum"`` (the turn-level advantage), or ``"mean"`` under ``compat="authors"``.
+        step_agg (`str`, *optional*, defaults to `"mean"`):
+            How step advantages make a trajectory score: ``"mean"``, ``"sum"``, ``"last"``, ``"min"``, ``"max"``,
+            ``"bottom10"``.
+        cumulative (`bool`, *optional*, defaults to `False`):
+            Aggregate the running sums of step advantages (the ImplicitPRM q-value view) instead of the steps.
+        compat (`str` or `None`, *optional*, defaults to `None`):
+            ``"authors"`` reproduces the paper code: plain rendering, each model's log-probs aggregated separately
+            and then subtracted, mean/mean unless aggregations are given.
+        rendering (`str`, *optional*, defaults to `"chat_template"`):
+            ``"chat_template"`` (each model's own template) or ``"plain"`` (``[role]: content`` lines, BOS first).
+        step_separator (`str` or `None`, *optional*, defaults to `None`):
+            Split each action's content into several steps at this separator (e.g. ``"\n\n"``), as process reward
+            models do with flat completions.
+        max_length (`int`, *optional*, defaults to `16384`):
+            Longer trajectories are truncated from the left; the output records what was cut.
+        baselines (`list[str]`, *optional*, defaults to `[]`):
+            Baselines to report beside the score (see ``progadv_trl.baselines.BASELINES``), or ``["all"]``.
+        top_k (`int`, *optional*, defaults to `20`):
+            k of the DeepConf token confidence.
+        deepconf_window (`int`, *optional*, defaults to `2048`):
+            Sliding-window length (tokens) of DeepConf's bottom-10% and lowest-window scores.
+        deepconf_tail (`int`, *optional*, defaults to `2048`):
+            Number of final tokens of DeepConf's tail score.
+        success_threshold (`float`, *optional*, defaults to `1.0`):
+            A trajectory succeeded when its reward is at least this.
+        attribution (`str`, *optional*, defaults to `"running_sum"`):
+            Failure attribution: ``"running_sum"`` (argmin of the running sum of step advantages), ``"step"`` (argmin
+            of the step advantage) or ``"threshold"`` (earliest running sum below ``attribution_threshold``).
+        attribution_threshold (`float` or `None`, *optional*, defaults to `None`):
+            Threshold for ``attribution="threshold"``, fitted on held-out data.
+        batch_size (`int`, *optional*, defaults to `8`):
+            Trajectories per forward pass (they are sorted by length first).
+        chunk_size (`int` or `None`, *optional*, defaults to `None`):
+            Vocabulary chunk of the fused statistics kernel; ``None`` picks one for the device.
+        seed (`int`, *optional*, defaults to `0`):
+            Seed of the random baseline.
+    """
+
+    beta: float = field(default=1.0, metadata={"help": "Scale of the log-ratio (the trainer's KL coefficient; 1.0 for beta-0 runs)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature the logits are divided by."})
+    token_agg: str | None = field(default=None, metadata={"help": "Token aggregation within a step.", "choices": TOKEN_AGGREGATIONS})
+    step_agg: str = field(default="mean", metadata={"help": "Step aggregation over a trajectory.", "choices": STEP_AGGREGATIONS})
+    cumulative: bool = field(default=False, metadata={"help": "Aggregate running sums of step advantages (ImplicitPRM view)."})
+    compat: str | None = field(default=None, metadata={"help": "'authors' reproduces the paper code's conventions.", "choices": COMPAT_MODES})
+    rendering: str = field(default="chat_template", metadata={"help": "How messages become text.", "choices": RENDERINGS})
+    step_separator: str | None = field(default=None, metadata={"help": "Split each action's content into steps at this separator."})
+    max_length: int = field(default=16384, metadata={"help": "Left-truncate trajectories longer than this many tokens."})
+    baselines: list[str] = field(default_factory=list, metadata={"help": "Baselines to report, or ['all']."})
+    top_k: int = field(default=20, metadata={"help": "k of DeepConf's token confidence."})
+    deepconf_window: int = field(default=2048, metadata={"help": "DeepConf sliding-window length in tokens."})
+    deepconf_tail: int = field(default=2048, metadata={"help": "DeepConf tail length in tokens."})
+    success_threshold: float = field(default=1.0, metadata={"help": "Success means reward >= this."})
+    attribution: str = field(default="running_sum", metadata={"help": "Failure attribution method.", "choices": ATTRIBUTION_METHODS})
+    attribution_threshold: float | None = field(default=None, metadata={"help": "Threshold for attribution='threshold'."})
+    batch_size: int = field(default=8, metadata={"help": "Trajectories per forward pass."})
+    chunk_size: int | None = field(default=None, metadata={"help": "Vocabulary chunk of the fused kernel."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random baseline."})
+
+    def __post_init__(self):
+        def check(name: str, ok: bool, expected: str):
+            if not ok:
+                raise ValueError(f"ProgressAdvantageConfig.{name}={getattr(self, name)!r}: expected {expected}")
+
+        if self.baselines is None:
+            self.baselines = []
+        if isinstance(self.baselines, str):
+            self.baselines = [b for b in self.baselines.split(",") if b]
+        self.baselines = list(BASELINES) if list(self.baselines) == ["all"] else list(self.baselines)
+        if self.token_agg is None:
+            self.token_agg = "mean" if self.compat == "authors" else "sum"
+        if self.compat == "authors":
+            self.rendering = "plain"
+        check("beta", isinstance(self.beta, (int, float)) and self.beta > 0, "a positive number")
+        check("temperature", isinstance(self.temperature, (int, float)) and self.temperature > 0, "a positive number")
+        check("token_agg", self.token_agg in TOKEN_AGGREGATIONS, f"one of {TOKEN_AGGREGATIONS}")
+        check("step_agg", self.step_agg in STEP_AGGREGATIONS, f"one of {STEP_AGGREGATIONS}")
+        check("compat", self.compat in (None, *COMPAT_MODES), f"None or one of {COMPAT_MODES}")
+        check("rendering", self.rendering in RENDERINGS, f"one of {RENDERINGS}")
+        check("step_separator", self.step_separator is None or (isinstance(self.step_separator, str) and self.step_separator != ""), "None or a non-empty string")
+        check("max_length", isinstance(self.max_length, int) and self.max_length >= 2, "an integer >= 2")
+        unknown = [b for b in self.baselines if b not in BASELINES]
+        check("baselines", not unknown, f"names from {BASELINES} or ['all'] (unknown: {unknown})")
+        check("top_k", isinstance(self.top_k, int) and self.top_k >= 1, "an integer >= 1")
+        check("deepconf_window", isinstance(self.deepconf_window, int) and self.deepconf_window >= 1, "an integer >= 1")
+        check("deepconf_tail", isinstance(self.deepconf_tail, int) and self.deepconf_tail >= 1, "an integer >= 1")
+        check("attribution", self.attribution in ATTRIBUTION_METHODS, f"one of {ATTRIBUTION_METHODS}")
+        check("attribution_threshold", self.attribution != "threshold" or self.attribution_threshold is not None,
+              "a number when attribution='threshold'")
+        check("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an integer >= 1")
+        check("chunk_size", self.chunk_size is None or (isinstance(self.chunk_size, int) and self.chunk_size >= 1), "None or an integer >= 1")
+
+    @property
+    def per_model_aggregation(self) -> bool:
+        """The authors aggregate each model's log-probs over a step, then subtract."""
+        return self.compat == "authors"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ProgressAdvantageConfig":
+        data = dict(data)
+        version = data.pop("config_version", CONFIG_VERSION)
+        if not isinstance(version, int) or version > CONFIG_VERSION:
+            raise ValueError(f"{source}: field 'config_version': {version!r} is newer than this progadv-trl supports "
+                             f"({CONFIG_VERSION}); upgrade progadv-trl")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown}; known: {sorted(names)}")
+        return cls(**data)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "ProgressAdvantageConfig":
+        """Read a YAML or JSON file; in YAML the fields may sit under a top-level ``progadv:`` section."""
+        import yaml
+
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            data = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+        except (ValueError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'}: {e}") from None
+        if isinstance(data, dict) and isinstance(data.get("progadv"), dict):
+            data = data["progadv"]
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of config fields")
+        return cls.from_dict(data, source=str(path))

@@ -1,0 +1,185 @@
+"""Loading the policy and its reference, and reading what the statistics need: final hidden states and the LM head.
+
+A reference is a :class:`ModelView`: either a separate model, or the policy's own PEFT model with its adapters
+switched off (TRL's reference under PEFT), or a frozen adapter of it. Loading never unpickles (safetensors only) and
+runs no remote code unless ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+WEIGHT_SUFFIXES = (".safetensors",)
+
+
+@dataclass
+class LMHead:
+    """What turns a final hidden state into logits: ``z = (h @ weight.T + bias) * logit_scale``, then
+    ``softcap * tanh(z / softcap)`` when soft-capped (Gemma)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    logit_scale: float = 1.0
+    softcap: float | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.weight.shape[0]
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def unwrap(model):
+    """The ``PreTrainedModel`` inside DDP/accelerate/PEFT wrappers."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
+        model = model.module
+    if is_peft_model(model):
+        model = model.get_base_model()
+    return model
+
+
+def lm_head(model) -> LMHead:
+    """The output head of a causal LM, with the logit transforms its config declares."""
+    base = unwrap(model)
+    out = base.get_output_embeddings()
+    if out is None or not hasattr(out, "weight"):
+        raise ValueError(f"{type(base).__name__} has no output embedding (LM head) to score with")
+    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    scale = float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere multiplies
+    if getattr(cfg, "logits_scaling", None):  # Granite divides
+        scale /= float(cfg.logits_scaling)
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return LMHead(out.weight, getattr(out, "bias", None), scale, float(softcap) if softcap else None)
+
+
+class ModelView:
+    """A causal LM as one distribution: ``model`` with its adapters as given, or switched off / set to one adapter.
+
+    Args:
+        model: a ``PreTrainedModel`` or ``PeftModel`` (possibly wrapped by DDP/accelerate).
+        adapter: ``None`` = as the model is; ``"off"`` = PEFT adapters disabled; any other string = that adapter.
+    """
+
+    def __init__(self, model, adapter: str | None = None):
+        if adapter is not None and not is_peft_model(_strip_wrappers(model)):
+            raise ValueError(f"adapter={adapter!r} needs a PEFT model, got {type(model).__name__}")
+        self.model = model
+        self.adapter = adapter
+
+    @contextlib.contextmanager
+    def active(self):
+        peft_model = _strip_wrappers(self.model)
+        if self.adapter is None:
+            yield
+        elif self.adapter == "off":
+            with peft_model.disable_adapter():
+                yield
+        else:
+            previous = peft_model.active_adapter
+            peft_model.set_adapter(self.adapter)
+            try:
+                yield
+            finally:
+                peft_model.set_adapter(previous)
+
+    @property
+    def device(self) -> torch.device:
+        return next(unwrap(self.model).parameters()).device
+
+    @property
+    def head(self) -> LMHead:
+        return lm_head(self.model)
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, L, H]`` final (post-norm) hidden states."""
+        decoder = unwrap(self.model).get_decoder()
+        with self.active():
+            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state
+
+
+def _strip_wrappers(model):
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def _check_safetensors(path: Path) -> None:
+    if path.is_dir() and not any(f.suffix in WEIGHT_SUFFIXES for f in path.iterdir()):
+        pickled = [f.name for f in path.iterdir() if f.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+        raise ValueError(f"{path}: no .safetensors weights"
+                         + (f" (found {pickled}: pickled weights are never loaded)" if pickled else ""))
+
+
+def load_causal_lm(source, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                   trust_remote_code: bool = False, adapter_base=None):
+    """A causal LM from a loaded model (returned as is) or a local folder / hub id; an adapter folder gives a
+    ``PeftModel`` on its base (``adapter_base`` overrides the base recorded in the adapter config)."""
+    if isinstance(source, torch.nn.Module):
+        return source
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    path = Path(source)
+    if path.exists():
+        _check_safetensors(path)
+    if path.exists() and is_adapter_dir(path):
+        import json
+
+        from peft import PeftModel
+
+        base_src = adapter_base
+        if base_src is None:
+            base_src = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        base = load_causal_lm(base_src, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        model = PeftModel.from_pretrained(base, str(path), is_trainable=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(source, *, trust_remote_code: bool = False):
+    """The tokenizer saved with a model (or an adapter's base), loaded the way users load it (``AutoTokenizer``)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+
+
+def name_or_path(model) -> str | None:
+    base = unwrap(model)
+    return getattr(base.config, "_name_or_path", None) or None
+
+
+def weights_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 over a folder's ``.safetensors`` files (sorted by name): the identity of a reference checkpoint."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(path).iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        raise ValueError(f"{path}: no .safetensors files to hash")
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,55 @@
+"""Tiny local checkpoints shared by the tests: built once per session, saved and reloaded like real models."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from progadv_trl.data import Message, ToolCall, Trajectory  # noqa: E402
+from progadv_trl.tiny import build_model, build_tokenizer, perturbed_copy  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """``reference/`` and ``policy/`` (Qwen2, tied head) with one tokenizer; ``llama_ref``/``llama_policy`` (untied)."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    ref = build_model(tok, root / "reference", arch="qwen2", seed=0)
+    perturbed_copy(ref, root / "policy", scale=0.3, seed=1)
+    tok.save_pretrained(root / "policy")
+    lref = build_model(tok, root / "llama_ref", arch="llama", seed=2, tie_word_embeddings=False)
+    perturbed_copy(lref, root / "llama_policy", scale=0.3, seed=3)
+    tok.save_pretrained(root / "llama_policy")
+    return root
+
+
+def sample_trajectories():
+    tc = (ToolCall("search", {"query": "flights Paris Rome"}),)
+    return [
+        Trajectory([Message("system", "You are a travel agent."), Message("user", "Book the cheapest flight."),
+                    Message("assistant", "I will search for flights first.", tc),
+                    Message("tool", "three flights found, prices 120, 95 and 143 euros."),
+                    Message("assistant", "The cheapest flight costs 95 euros. I book it now.")],
+                   id="a", group="g1", reward=1.0),
+        Trajectory([Message("user", "Book the cheapest flight."), Message("assistant", "I book the first flight."),
+                    Message("tool", "booked, 120 euros"), Message("assistant", "Done.")],
+                   id="b", group="g1", reward=0.0, mistake_step=1),
+        Trajectory([Message("user", "What is 2 + 2?"), Message("assistant", "The answer is 4.")],
+                   id="c", group="g2", reward=1.0),
+        Trajectory([Message("user", "What is 2 + 2?"), Message("assistant", "Step 1: add.\n\nThe answer is 5.")],
+                   id="d", group="g2", reward=0.0, mistake_step=1),
+    ]
+
+
+@pytest.fixture
+def trajectories():
+    return sample_trajectories()
