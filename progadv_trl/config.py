@@ -67,6 +67,37 @@ class ProgressAdvantageConfig:
             Vocabulary chunk of the fused statistics kernel; ``None`` picks one for the device.
         seed (`int`, *optional*, defaults to `0`):
             Seed of the random baseline.
+
+        > Parameters used during training (callback and monitor)
+
+        heldout (`str`, `datasets.Dataset`, `list` or `None`, *optional*, defaults to `None`):
+            Fixed labelled rollouts scored at every evaluation: a file or folder for
+            :func:`~progadv_trl.load_trajectories`, a dataset, or a list of trajectories.
+        heldout_prompts (`str`, `datasets.Dataset`, `list` or `None`, *optional*, defaults to `None`):
+            Held-out prompts: at every evaluation the current policy samples ``eval_num_generations`` completions per
+            prompt with the trainer's sampling settings, labelled by the trainer's reward functions.
+        eval_num_generations (`int` or `None`, *optional*, defaults to `None`):
+            Completions per held-out prompt; ``None`` means the trainer's ``num_generations``.
+        eval_steps (`int` or `None`, *optional*, defaults to `None`):
+            Evaluate every this many optimizer steps (and at train begin and end); ``None`` means the trainer's
+            ``eval_steps`` when set, else its ``logging_steps``.
+        reference_placement (`str`, *optional*, defaults to `"auto"`):
+            Where a snapshot reference (beta-0 runs, ``sync_ref_model``) lives: ``"device"`` (beside the policy),
+            ``"cpu"``, or ``"disk"`` (safetensors, loaded for each evaluation). ``"auto"`` is ``"device"``. The
+            snapshot is also written to disk once so that a resumed run keeps the initial reference.
+        follow_sync_ref_model (`bool`, *optional*, defaults to `False`):
+            With ``sync_ref_model=True``, use TRL's moving reference instead of the initial policy.
+        also_temperature_one (`bool`, *optional*, defaults to `False`):
+            Also log the signal quality at temperature 1.0 (``progadv/t1/...``) when the trainer samples at another.
+        quality_metric (`str`, *optional*, defaults to `"auroc"`):
+            The metric that defines the best evaluation and the decay warning: ``"auroc"``, ``"spearman"``,
+            ``"best_of_n"`` or ``"attribution_accuracy"``.
+        decay_margin (`float`, *optional*, defaults to `0.05`):
+            Warn when the quality metric falls this far below its best value.
+        log_baselines (`bool`, *optional*, defaults to `True`):
+            Log each baseline's metrics beside progress advantage (``progadv/baseline/<name>/<metric>``).
+        export (`bool`, *optional*, defaults to `True`):
+            Export ``<output_dir>/progadv-scorer`` at train end and ``progadv-scorer-best`` at the best evaluation.
     """
 
     beta: float = field(default=1.0, metadata={"help": "Scale of the log-ratio (the trainer's KL coefficient; 1.0 for beta-0 runs)."})
@@ -88,6 +119,17 @@ class ProgressAdvantageConfig:
     batch_size: int = field(default=8, metadata={"help": "Trajectories per forward pass."})
     chunk_size: int | None = field(default=None, metadata={"help": "Vocabulary chunk of the fused kernel."})
     seed: int = field(default=0, metadata={"help": "Seed of the random baseline."})
+    heldout: Any = field(default=None, metadata={"help": "Fixed labelled held-out rollouts (path, dataset or list)."})
+    heldout_prompts: Any = field(default=None, metadata={"help": "Held-out prompts the current policy completes at each evaluation."})
+    eval_num_generations: int | None = field(default=None, metadata={"help": "Completions per held-out prompt (default: the trainer's num_generations)."})
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every this many steps (default: trainer's eval_steps, else logging_steps)."})
+    reference_placement: str = field(default="auto", metadata={"help": "Where a snapshot reference lives.", "choices": ("auto", "device", "cpu", "disk")})
+    follow_sync_ref_model: bool = field(default=False, metadata={"help": "With sync_ref_model, follow TRL's moving reference."})
+    also_temperature_one: bool = field(default=False, metadata={"help": "Also log signal quality at temperature 1.0."})
+    quality_metric: str = field(default="auroc", metadata={"help": "Metric defining the best evaluation.", "choices": ("auroc", "spearman", "best_of_n", "attribution_accuracy")})
+    decay_margin: float = field(default=0.05, metadata={"help": "Warn when quality falls this far below its best."})
+    log_baselines: bool = field(default=True, metadata={"help": "Log the baselines' metrics too."})
+    export: bool = field(default=True, metadata={"help": "Export the final and the best scorer."})
 
     def __post_init__(self):
         def check(name: str, ok: bool, expected: str):
@@ -121,6 +163,11 @@ class ProgressAdvantageConfig:
               "a number when attribution='threshold'")
         check("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an integer >= 1")
         check("chunk_size", self.chunk_size is None or (isinstance(self.chunk_size, int) and self.chunk_size >= 1), "None or an integer >= 1")
+        check("eval_steps", self.eval_steps is None or (isinstance(self.eval_steps, int) and self.eval_steps >= 1), "None or an integer >= 1")
+        check("eval_num_generations", self.eval_num_generations is None or (isinstance(self.eval_num_generations, int) and self.eval_num_generations >= 1), "None or an integer >= 1")
+        check("reference_placement", self.reference_placement in ("auto", "device", "cpu", "disk"), "one of auto, device, cpu, disk")
+        check("quality_metric", self.quality_metric in ("auroc", "spearman", "best_of_n", "attribution_accuracy"), "one of auroc, spearman, best_of_n, attribution_accuracy")
+        check("decay_margin", isinstance(self.decay_margin, (int, float)) and self.decay_margin >= 0, "a number >= 0")
 
     @property
     def per_model_aggregation(self) -> bool:
@@ -128,7 +175,12 @@ class ProgressAdvantageConfig:
         return self.compat == "authors"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config_version": CONFIG_VERSION, **dataclasses.asdict(self)}
+        """JSON-ready fields; held-out data given as objects (datasets, lists) is recorded as ``None``."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key in ("heldout", "heldout_prompts"):
+            if not isinstance(out[key], (str, type(None))):
+                out[key] = None
+        return {"config_version": CONFIG_VERSION, **out}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ProgressAdvantageConfig":

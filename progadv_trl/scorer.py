@@ -30,6 +30,7 @@ from .token_statistics import compute_token_stats
 
 CONFIG_NAME = "progadv_config.json"
 POLICY_DIR, REFERENCE_DIR, REFERENCE_TOKENIZER_DIR = "policy", "reference", "reference_tokenizer"
+REFERENCE_ADAPTER_DIR = "reference_adapter"
 
 
 def _sha256_text(text: str | None) -> str | None:
@@ -138,7 +139,12 @@ class ProgressAdvantageScorer:
         """Score every trajectory: per-step advantages, trajectory score, baselines (see :class:`TrajectoryScore`)."""
         return list(self.iter_score(trajectories, details=details))
 
-    def _score_window(self, trajs: Sequence[Trajectory], details: bool) -> list[TrajectoryScore]:
+    def score_with_drift(self, trajectories: Sequence[Trajectory]) -> tuple[list[TrajectoryScore], list[dict]]:
+        """Scores plus, per trajectory, the action tokens' log-ratios ``[T]`` and exact KL ``[T]`` (drift inputs)."""
+        pairs = self._score_window(trajectories, False, with_drift=True)
+        return [r for r, _ in pairs], [d for _, d in pairs]
+
+    def _score_window(self, trajs: Sequence[Trajectory], details: bool, with_drift: bool = False) -> list:
         cfg = self.config
         toks = [self._tokenize(t) for t in trajs]
         ref_toks = None if self._tokenize_ref is None else [self._tokenize_ref(t) for t in trajs]
@@ -148,9 +154,19 @@ class ProgressAdvantageScorer:
             pad_id=_pad_id(self.tokenizer),
             reference_pad_id=None if self.reference_tokenizer is None else _pad_id(self.reference_tokenizer))
         rand = random_scores([str(t.id) for t in trajs], seed=cfg.seed)
-        return [score_trajectory(t, tok, st, cfg, reference_tok=None if ref_toks is None else ref_toks[i],
-                                 random_value=rand[i], details=details)
-                for i, (t, tok, st) in enumerate(zip(trajs, toks, stats))]
+        results = [score_trajectory(t, tok, st, cfg, reference_tok=None if ref_toks is None else ref_toks[i],
+                                    random_value=rand[i], details=details)
+                   for i, (t, tok, st) in enumerate(zip(trajs, toks, stats))]
+        if not with_drift:
+            return results
+        drift = []
+        for tok, st in zip(toks, stats):
+            action = torch.tensor(tok.step_index) >= 0
+            if self.reference_tokenizer is None:
+                drift.append({"log_ratio": (st["logprob"] - st["ref_logprob"])[action], "kl": st["kl"][action]})
+            else:  # no token-level ratio across tokenizations
+                drift.append({"log_ratio": torch.empty(0), "kl": None})
+        return list(zip(results, drift))
 
     # the three uses, over scored results
     best_of_n = staticmethod(choose_best_of_n)
@@ -194,7 +210,7 @@ class ProgressAdvantageScorer:
                                 "library_version": __version__, "config_version": CONFIG_VERSION,
                                 "provenance": self.provenance,
                                 "chat_template_sha256": _sha256_text(getattr(self.tokenizer, "chat_template", None))}
-        adapters_off = ref_view.model is self.policy.model and ref_view.adapter == "off"
+        shares_base = ref_view.model is self.policy.model and ref_view.adapter is not None
         if is_peft_model(policy_model):
             adapter = self.policy.adapter or policy_model.active_adapter
             policy_model.save_pretrained(str(tmp / POLICY_DIR), selected_adapters=[adapter])
@@ -204,9 +220,12 @@ class ProgressAdvantageScorer:
             policy_model.save_pretrained(str(tmp / POLICY_DIR), safe_serialization=True)
             meta["policy"] = {"kind": "full", "path": POLICY_DIR}
         self.tokenizer.save_pretrained(str(tmp / POLICY_DIR))
-        if adapters_off:
+        if shares_base:  # the reference is the policy's base, adapters off or with a frozen adapter of its own
             base = unwrap(policy_model)
             ref_meta = {"kind": "adapter_base"}
+            if ref_view.adapter != "off":
+                policy_model.save_pretrained(str(tmp / REFERENCE_ADAPTER_DIR), selected_adapters=[ref_view.adapter])
+                ref_meta["adapter_path"] = os.path.relpath(tmp / REFERENCE_ADAPTER_DIR / ref_view.adapter, tmp)
         else:
             base = unwrap(ref_view.model)
             ref_meta = {"kind": "full"}
@@ -217,14 +236,12 @@ class ProgressAdvantageScorer:
                                  f"{src!r}. Use reference='copy'")
             ref_meta.update(path=str(Path(src).resolve()), sha256=weights_sha256(src), linked=True)
         else:
-            if adapters_off:
+            if shares_base:
                 with policy_model.disable_adapter():
                     _save_plain_base(base, tmp / REFERENCE_DIR)
             else:
                 base.save_pretrained(str(tmp / REFERENCE_DIR), safe_serialization=True)
             ref_meta.update(path=REFERENCE_DIR, sha256=weights_sha256(tmp / REFERENCE_DIR), linked=False)
-        if ref_view.adapter not in (None, "off"):
-            ref_meta["adapter"] = ref_view.adapter
         meta["reference"] = ref_meta
         if self.reference_tokenizer is not None:
             self.reference_tokenizer.save_pretrained(str(tmp / REFERENCE_TOKENIZER_DIR))
@@ -266,8 +283,14 @@ class ProgressAdvantageScorer:
         kw = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code}
         if pol_meta["kind"] == "peft_adapter":
             policy_model = load_causal_lm(pol_path, adapter_base=ref_path, **kw)
-            reference = (ModelView(policy_model, adapter="off") if ref_meta["kind"] == "adapter_base"
-                         else ModelView(load_causal_lm(ref_path, **kw)))
+            if ref_meta["kind"] != "adapter_base":
+                reference = ModelView(load_causal_lm(ref_path, **kw))
+            elif ref_meta.get("adapter_path"):
+                policy_model.load_adapter(str(_inside(root, ref_meta["adapter_path"], meta_path, "reference.adapter_path")),
+                                          adapter_name="reference", is_trainable=False)
+                reference = ModelView(policy_model, adapter="reference")
+            else:
+                reference = ModelView(policy_model, adapter="off")
         else:
             policy_model = load_causal_lm(pol_path, **kw)
             reference = ModelView(load_causal_lm(ref_path, **kw))

@@ -61,6 +61,7 @@ CASES = {
     "default_chunk": (300, 32, 32, 5000, None, {}),
     "single_row_block": (5, 16, 16, 777, 64, {}),
     "tiny_vocab": (9, 8, 8, 7, 3, {"top_k": 20}),
+    "many_chunks": (64, 16, 16, 16384, 512, {"top_k": 5}),  # pruned top-k merges
 }
 
 

@@ -39,7 +39,7 @@ _TILE_ELEMENTS = 1 << 20
 _MAX_ROWS = 2048
 _MIN_CHUNK = 256
 # Streaming top-k: the running k-th largest value prunes whole blocks of ``_TOPK_GROUP`` logits
-_TOPK_GROUP = 64
+_TOPK_GROUP = 32
 
 
 class _Head:
@@ -171,7 +171,7 @@ class _Fold:
         if hit.numel() == 0:
             return chunk_max
         n_blocks = int(counts.max())
-        if 4 * n_blocks * g > c:
+        if n_blocks * g >= c:  # every block of some row may contribute: plain top-k of those rows
             vals = z.index_select(0, hit).topk(min(self.k, c), -1, sorted=False).values
         else:
             idx = block_max.index_select(0, hit).topk(n_blocks, -1, sorted=False).indices
@@ -194,7 +194,7 @@ class _Fold:
 
 
 def _block_sizes(n: int, vocab: int, chunk_size: int | None) -> tuple[int, int]:
-    """(vocabulary chunk, row block). Default: 4 MiB fp32 tiles, up to 2048 rows, chunks a multiple of 64."""
+    """(vocabulary chunk, row block). Default: 4 MiB fp32 tiles, up to 2048 rows, chunks a multiple of the top-k group."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")

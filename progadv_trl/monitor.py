@@ -1,0 +1,238 @@
+"""``ProgressAdvantageMonitor``: evaluate a policy against its reference on held-out rollouts, track drift, export.
+
+The callback is a thin layer over it; custom loops (PPO, verl, OpenRLHF) call it directly::
+
+    monitor = ProgressAdvantageMonitor(reference=ref_model, tokenizer=tok, config=ProgressAdvantageConfig(
+        heldout="heldout.jsonl", beta=0.05, temperature=0.7), output_dir="runs/ppo")
+    for step in range(num_steps):
+        ...  # rollouts, losses, optimizer step
+        if step % 50 == 0:
+            metrics = monitor.evaluate(policy, step)   # {"progadv/auroc": ..., "progadv/kl/mean": ..., ...}
+    monitor.export(policy)                             # runs/ppo/progadv-scorer
+
+Under ``torch.distributed``, every rank scores its share of the held-out rollouts, results are gathered, and every
+rank computes the same metrics; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .config import ProgressAdvantageConfig
+from .data import Trajectory
+from .drift import DecayDetector, token_drift
+from .metrics import kendall_tau
+from .models import ModelView
+from .reference import Reference
+from .results import METHOD, evaluation_table
+from .scorer import ProgressAdvantageScorer
+
+logger = logging.getLogger(__name__)
+HISTORY_FILE = "progadv-history.jsonl"
+SCORER_DIR, BEST_SCORER_DIR = "progadv-scorer", "progadv-scorer-best"
+QUALITY_COLUMNS = ("auroc", "spearman", "best_of_n", "mean_success", "oracle", "attribution_accuracy",
+                   "attribution_mae")
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _gather(obj):
+    rank, world = _dist()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def _finite(x):
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+class ProgressAdvantageMonitor:
+    """Evaluates ``beta * (log pi - log pi_ref)`` on held-out rollouts during training.
+
+    Args:
+        reference: the reference (a model, a :class:`~progadv_trl.models.ModelView`, or a resolved
+            :class:`~progadv_trl.reference.Reference`).
+        tokenizer: the policy's tokenizer (with its chat template).
+        config: a :class:`ProgressAdvantageConfig`; ``heldout`` names the fixed labelled rollouts.
+        output_dir: where ``progadv-history.jsonl`` and the exported scorers go (``None``: nothing written).
+        sampler: optional ``sampler(policy) -> list[Trajectory]`` producing fresh labelled rollouts (held-out
+            prompts completed by the current policy); they are scored beside the fixed ones.
+    """
+
+    def __init__(self, reference, tokenizer, config: ProgressAdvantageConfig | None = None,
+                 output_dir: str | Path | None = None, *, heldout: Sequence[Trajectory] | None = None,
+                 sampler: Callable[[Any], list[Trajectory]] | None = None):
+        self.config = config or ProgressAdvantageConfig()
+        if isinstance(reference, Reference):
+            self.reference = reference
+        else:
+            self.reference = Reference("given", reference if isinstance(reference, ModelView) else ModelView(reference))
+        self.tokenizer = tokenizer
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        if heldout is None and self.config.heldout is not None:
+            from .loaders import load_trajectories
+
+            heldout = load_trajectories(self.config.heldout)
+        self.heldout = list(heldout or [])
+        self.sampler = sampler
+        if not self.heldout and sampler is None:
+            raise ValueError("ProgressAdvantageMonitor needs held-out rollouts: set config.heldout (labelled "
+                             "trajectories) or config.heldout_prompts")
+        self.history: list[dict] = []
+        self.detector = DecayDetector(self.config.decay_margin)
+        self.last_results: list = []
+        self._previous_scores: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ evaluation
+    def _scorer(self, policy, reference_view, temperature: float, beta: float) -> ProgressAdvantageScorer:
+        cfg = dataclasses.replace(self.config, temperature=temperature, beta=beta, heldout=None,
+                                  heldout_prompts=None)
+        return ProgressAdvantageScorer(policy if isinstance(policy, ModelView) else ModelView(policy),
+                                       reference_view, self.tokenizer, None, cfg)
+
+    @torch.no_grad()
+    def evaluate(self, policy, step: int, *, temperature: float | None = None, beta: float | None = None) -> dict:
+        """Score the held-out rollouts with ``policy``; returns the ``progadv/...`` metrics (also kept in
+        :attr:`history` and appended to ``progadv-history.jsonl``)."""
+        t0 = time.perf_counter()
+        temperature = self.config.temperature if temperature is None else temperature
+        beta = self.config.beta if beta is None else beta
+        model = policy.model if isinstance(policy, ModelView) else policy
+        was_training = model.training
+        model.eval()
+        try:
+            trajectories = list(self.heldout)
+            if self.sampler is not None:
+                trajectories += self.sampler(policy)
+            rank, world = _dist()
+            shard = trajectories[rank::world]
+            ref_view = self.reference.view()
+            scorer = self._scorer(policy, ref_view, temperature, beta)
+            results, drift = scorer.score_with_drift(shard)
+            t1_results = None
+            if self.config.also_temperature_one and temperature != 1.0:
+                t1_results = self._scorer(policy, ref_view, 1.0, beta).score(shard)
+            weight = self.reference.weight_drift(model)
+        finally:
+            model.train(was_training)
+        gathered = _gather((rank, results, drift, t1_results))
+        results, drift, t1_results = self._unshard(gathered, len(trajectories), world)
+        metrics = self._metrics(results, drift, t1_results, weight)
+        metrics["progadv/seconds"] = time.perf_counter() - t0
+        self._record(step, metrics, results, temperature, beta, policy)
+        return metrics
+
+    @staticmethod
+    def _unshard(gathered, n: int, world: int):
+        results: list = [None] * n
+        drift: list = [None] * n
+        t1: list | None = None
+        for rank, res, dr, t1r in gathered:
+            for k, (r, d) in enumerate(zip(res, dr)):
+                results[rank + k * world], drift[rank + k * world] = r, d
+            if t1r is not None:
+                t1 = t1 or [None] * n
+                for k, r in enumerate(t1r):
+                    t1[rank + k * world] = r
+        return results, drift, t1
+
+    def _metrics(self, results, drift, t1_results, weight: float) -> dict[str, float]:
+        cfg = self.config
+        out: dict[str, float] = {}
+        methods = cfg.baselines or None
+        table = evaluation_table(results, methods if cfg.log_baselines else [], attribution=cfg.attribution,
+                                 threshold=cfg.attribution_threshold)
+        for col in QUALITY_COLUMNS:
+            out[f"progadv/{col}"] = table[METHOD][col]
+        if cfg.log_baselines:
+            for name, row in table.items():
+                if name != METHOD:
+                    for col in ("auroc", "spearman", "best_of_n", "attribution_accuracy"):
+                        out[f"progadv/baseline/{name}/{col}"] = row[col]
+        if t1_results is not None:
+            t1 = evaluation_table(t1_results, [], attribution=cfg.attribution, threshold=cfg.attribution_threshold)
+            for col in ("auroc", "spearman", "best_of_n", "attribution_accuracy"):
+                out[f"progadv/t1/{col}"] = t1[METHOD][col]
+        ratios = [d["log_ratio"] for d in drift if d is not None and d["log_ratio"].numel()]
+        kls = [d["kl"] for d in drift if d is not None and d["kl"] is not None]
+        if ratios:
+            stats = token_drift(torch.cat(ratios), torch.cat(kls) if kls else None)
+            out.update({f"progadv/{k}": v for k, v in stats.items()})
+        out["progadv/weight_drift"] = weight
+        out["progadv/score/mean"] = float(torch.tensor([r.score for r in results], dtype=torch.float64).mean())
+        scores = {str(r.id): r.score for r in results}
+        common = [k for k in scores if k in self._previous_scores]
+        if len(common) >= 2:
+            out["progadv/rank_stability"] = kendall_tau([scores[k] for k in common],
+                                                        [self._previous_scores[k] for k in common])
+        self._previous_scores = scores
+        out["progadv/n_trajectories"] = len(results)
+        return out
+
+    def _record(self, step: int, metrics: dict, results, temperature: float, beta: float, policy) -> None:
+        entry = {"step": int(step), "temperature": temperature, "beta": beta,
+                 **{k: _finite(v) for k, v in metrics.items()}}
+        self.history.append(entry)
+        self.last_results = results
+        is_best, warning = self.detector.update(step, metrics.get(f"progadv/{self.config.quality_metric}"))
+        if warning:
+            logger.warning(warning)
+        if self.output_dir is None or not self.is_main_process:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / HISTORY_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        if is_best and self.config.export:
+            self.export(policy, self.output_dir / BEST_SCORER_DIR, step=step, temperature=temperature, beta=beta)
+
+    @property
+    def is_main_process(self) -> bool:
+        return _dist()[0] == 0
+
+    # ------------------------------------------------------------------ export and state
+    def export(self, policy, path: str | Path | None = None, *, step: int | None = None,
+               temperature: float | None = None, beta: float | None = None) -> Path | None:
+        """Save a scorer (policy + reference + config) that reproduces this monitor's scores; rank 0 only."""
+        if not self.is_main_process:
+            return None
+        if path is None:
+            if self.output_dir is None:
+                raise ValueError("export() needs a path when the monitor has no output_dir")
+            path = self.output_dir / SCORER_DIR
+        temperature = self.config.temperature if temperature is None else temperature
+        beta = self.config.beta if beta is None else beta
+        scorer = self._scorer(policy, self.reference.view(), temperature, beta)
+        scorer.provenance = {"step": step, "reference": self.reference.describe()}
+        return scorer.save_pretrained(path)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "detector": self.detector.state_dict(),
+                "previous_scores": self._previous_scores, "reference": self.reference.describe()}
+
+    def load_state_dict(self, state: dict, up_to_step: int | None = None) -> None:
+        """Restore from a checkpoint; evaluations after ``up_to_step`` (done after that checkpoint) are dropped."""
+        self.history = [h for h in state.get("history", []) if up_to_step is None or h["step"] <= up_to_step]
+        det = state.get("detector", {})
+        self.detector = DecayDetector(self.config.decay_margin)
+        for h in self.history:  # recompute the best from the kept history
+            self.detector.update(h["step"], h.get(f"progadv/{self.config.quality_metric}") or float("nan"))
+        self._previous_scores = state.get("previous_scores", {}) if det is not None else {}
+        if self.output_dir is not None and self.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / HISTORY_FILE, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(h) + "\n" for h in self.history)
