@@ -2,13 +2,16 @@
 
 __version__ = "0.1.0"
 
+from .callback import ProgressAdvantageCallback
 from .config import ProgressAdvantageConfig
 from .data import Message, ProgadvDataError, ToolCall, Trajectory
 from .loaders import load_trajectories, save_trajectories
 from .results import StepScore, TrajectoryScore
+from .monitor import ProgressAdvantageMonitor
 from .scorer import ProgressAdvantageScorer
 
 __all__ = [
-    "Message", "ProgadvDataError", "ProgressAdvantageConfig", "ProgressAdvantageScorer", "StepScore", "ToolCall",
+    "Message", "ProgadvDataError", "ProgressAdvantageCallback", "ProgressAdvantageConfig", "ProgressAdvantageMonitor",
+    "ProgressAdvantageScorer", "StepScore", "ToolCall",
     "Trajectory", "TrajectoryScore", "__version__", "load_trajectories", "save_trajectories",
 ]

@@ -1,4 +1,4 @@
-"""The ``progadv`` command: ``score``, ``rank``, ``attribute``, ``evaluate``, ``demo``, ``env``.
+"""The ``progadv`` command: ``score``, ``rank``, ``attribute``, ``evaluate``, ``train``, ``demo``, ``env``.
 
 Exit codes: 0 success, 2 bad usage (arguments, config), 1 bad data (the message names file, record and field).
 Results are streamed: every line already written stays a valid JSON line, and ``--resume`` continues after the last
@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--output", help="write the table as JSON here")
     p.add_argument("--methods", default="all", help="baselines to compare (comma-separated or 'all')")
+    p = sub.add_parser("train", help="a GRPO/RLOO run from YAML with the progadv callback attached")
+    p.add_argument("--config", required=True, help="run YAML (see configs/grpo_tiny.yaml)")
+    p.add_argument("--output-dir", help="override args.output_dir")
+    p.add_argument("--max-steps", type=int, help="override args.max_steps")
     p = sub.add_parser("demo", help="the built-in demo: tiny models built on the spot score a bundled example")
     p.add_argument("--output-dir", default="progadv-demo", help="where models and results go")
     p.add_argument("--quick", action="store_true", help="smaller and faster")
@@ -256,6 +260,16 @@ def cmd_evaluate(args) -> int:
     return EXIT_OK
 
 
+def cmd_train(args) -> int:
+    from .train import train_from_config
+
+    overrides = {k: v for k, v in (("output_dir", args.output_dir), ("max_steps", args.max_steps)) if v is not None}
+    trainer = train_from_config(args.config, overrides)
+    print(f"history: {trainer.args.output_dir}/progadv-history.jsonl   scorer: {trainer.args.output_dir}/progadv-scorer",
+          file=sys.stderr)
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -283,12 +297,15 @@ def cmd_env(args) -> int:
 
 
 COMMANDS = {"score": cmd_score, "rank": cmd_rank, "attribute": cmd_attribute, "evaluate": cmd_evaluate,
-            "demo": cmd_demo, "env": cmd_env}
+            "train": cmd_train, "demo": cmd_demo, "env": cmd_env}
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except ProgadvDataError as e:

@@ -161,3 +161,21 @@ def run_demo(output_dir: str | Path = "progadv-demo", *, quick: bool = False, se
                                "attribution_mae"]))
     print(f"\nscorer: {out / 'scorer'}   scores: {out / 'scores.jsonl'}   metrics: {out / 'metrics.json'}")
     return summary
+
+
+def flight_prompts(n: int = 32, seed: int = 2) -> list[dict]:
+    """Single-turn GRPO prompts from the booking task (system, user request and search results in the prompt), with
+    the ``cheapest`` flight id as a column for :func:`reward_books_cheapest`."""
+    rows = []
+    for t in example_trajectories(n_groups=n, group_size=1, seed=seed):
+        flights = next(json.loads(m.content) for m in t.messages if m.role == "tool" and m.content.startswith("["))
+        rows.append({"prompt": [m.to_chat() for m in t.messages[:2]]
+                     + [{"role": "user", "content": "Search results: " + json.dumps(flights)}],
+                     "cheapest": min(flights, key=lambda f: f["price"])["id"]})
+    return rows
+
+
+def reward_books_cheapest(completions, cheapest, **kwargs) -> list[float]:
+    """GRPO reward: 1.0 when the reply names the cheapest flight's id."""
+    texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
+    return [float(fid in text) for text, fid in zip(texts, cheapest)]

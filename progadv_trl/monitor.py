@@ -189,7 +189,10 @@ class ProgressAdvantageMonitor:
                  **{k: _finite(v) for k, v in metrics.items()}}
         self.history.append(entry)
         self.last_results = results
-        is_best, warning = self.detector.update(step, metrics.get(f"progadv/{self.config.quality_metric}"))
+        quality = metrics.get(f"progadv/{self.config.quality_metric}")
+        if len({r.score for r in results}) <= 1:  # all scores tied (policy == reference): no signal to rank yet
+            quality = float("nan")
+        is_best, warning = self.detector.update(step, quality)
         if warning:
             logger.warning(warning)
         if self.output_dir is None or not self.is_main_process:
