@@ -166,6 +166,14 @@ def _scored(args, scorer, skip_ids=None, details=False):
     return _progress(scorer.iter_score(_trajectories(args, skip_ids), details=details), args, "scoring")
 
 
+def _append_line(fd: int, line: str) -> None:
+    """One ``write`` per line on an O_APPEND descriptor: a kill leaves whole lines (at worst a cut last line,
+    which ``--resume`` removes), never interleaved fragments."""
+    data = (line + "\n").encode("utf-8")
+    while data:
+        data = data[os.write(fd, data):]
+
+
 def _resume_ids(path: Path) -> set[str]:
     """Ids already in a JSONL output; a partial last line (killed mid-write) is cut off."""
     if not path.exists():
@@ -193,11 +201,13 @@ def cmd_score(args) -> int:
     skip = _resume_ids(out) if args.resume else set()
     with_parts = scorer.config.step_separator is not None
     n = 0
-    with open(out, "a" if args.resume else "w", encoding="utf-8") as f:
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if args.resume else os.O_TRUNC), 0o644)
+    try:
         for res in _scored(args, scorer, skip, details=args.details):
-            f.write(_dumps(res.to_dict(scorer.config.baselines, with_parts)) + "\n")
-            f.flush()
+            _append_line(fd, _dumps(res.to_dict(scorer.config.baselines, with_parts)))
             n += 1
+    finally:
+        os.close(fd)
     print(f"scored {n} trajectories -> {out}" + (f" (skipped {len(skip)} already there)" if skip else ""),
           file=sys.stderr)
     return EXIT_OK
@@ -226,19 +236,36 @@ def cmd_rank(args) -> int:
 
 def cmd_attribute(args) -> int:
     scorer = _load_scorer(args)
+    from .loaders import whowhen_agent
     from .results import METHOD
 
-    n = 0
+    speakers: dict[str, tuple[list[str], Any]] = {}
+
+    def remember(trajectories):
+        for t in trajectories:
+            speakers[str(t.id)] = ([whowhen_agent(m) for m in t.messages], t.metadata.get("mistake_agent"))
+            yield t
+
+    n = step_hits = agent_hits = n_step = n_agent = 0
     with open(args.output, "w", encoding="utf-8") as f:
-        for res in _scored(args, scorer):
+        for res in _progress(scorer.iter_score(remember(_trajectories(args))), args, "scoring"):
+            agents, mistake_agent = speakers.pop(str(res.id))
             pred = res.predicted_mistake(scorer.config.attribution, scorer.config.attribution_threshold)
-            f.write(_dumps({"id": res.id, "predicted_step": pred, "mistake_step": res.mistake_step,
-                            "correct": None if res.mistake_step is None else pred == res.mistake_step,
-                            "action_messages": res.action_messages,
-                            "step_values": res.action_values[METHOD]}) + "\n")
+            row = {"id": res.id, "predicted_step": pred, "predicted_agent": agents[pred],
+                   "mistake_step": res.mistake_step, "mistake_agent": mistake_agent,
+                   "action_messages": res.action_messages, "step_values": res.action_values[METHOD]}
+            if res.mistake_step is not None:
+                n_step, step_hits = n_step + 1, step_hits + (pred == res.mistake_step)
+            if mistake_agent is not None:
+                n_agent, agent_hits = n_agent + 1, agent_hits + (agents[pred] == mistake_agent)
+            f.write(_dumps(row) + "\n")
             f.flush()
             n += 1
     print(f"attributed {n} trajectories -> {args.output}", file=sys.stderr)
+    if n_step:
+        print(f"step-level accuracy {step_hits / n_step:.3f} ({step_hits}/{n_step})", file=sys.stderr)
+    if n_agent:
+        print(f"agent-level accuracy {agent_hits / n_agent:.3f} ({agent_hits}/{n_agent})", file=sys.stderr)
     return EXIT_OK
 
 

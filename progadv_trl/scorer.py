@@ -193,6 +193,10 @@ class ProgressAdvantageScorer:
             raise ValueError(f"reference={reference!r}: expected 'copy' or 'link'")
         target = Path(save_directory)
         target.parent.mkdir(parents=True, exist_ok=True)
+        _recover(target)
+        stale_dirs = [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]
+        for stale in stale_dirs:  # left by a killed save (the target itself is whole: _recover ran)
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             meta = self._write(tmp, reference)
@@ -254,6 +258,7 @@ class ProgressAdvantageScorer:
                         **config_overrides) -> "ProgressAdvantageScorer":
         """Load a scorer saved by :meth:`save_pretrained` (config fields can be overridden by keyword)."""
         root = Path(directory)
+        _recover(root)
         meta_path = root / CONFIG_NAME
         if not meta_path.is_file():
             raise FileNotFoundError(f"{root}: not a progadv scorer (missing {CONFIG_NAME})")
@@ -323,6 +328,15 @@ def _inside(root: Path, rel: str, meta_path: Path, field: str) -> Path:
     if root.resolve() not in (path, *path.parents):
         raise ValueError(f"{meta_path}: field '{field}': {rel!r} escapes the scorer directory")
     return path
+
+
+def _recover(target: Path) -> None:
+    """Put back the previous export if a save was killed between moving it aside and moving the new one in."""
+    if target.exists():
+        return
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and (olds[-1] / CONFIG_NAME).exists():
+        os.replace(olds[-1], target)
 
 
 def _atomic_swap(tmp: Path, target: Path) -> None:
