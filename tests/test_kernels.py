@@ -160,3 +160,16 @@ def test_invalid_inputs():
         token_stats(hp, wr[:, :8], targets)
     with pytest.raises(ValueError):
         token_stats(hp, wp, targets, temperature=0.0)
+
+
+def test_tied_logits():
+    # every logit equal: each chunk ties the running k-th largest value, so the top-k pool keeps overflowing
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1, 16, generator=g).expand(300, 16).contiguous()
+    h = torch.randn(7, 16, generator=g)
+    out = token_stats(h, w, torch.zeros(7, dtype=torch.long), top_k=10, chunk_size=64)
+    log_v = torch.full((7,), math.log(300))
+    torch.testing.assert_close(out["logprob"], -log_v)
+    torch.testing.assert_close(out["entropy"], log_v)
+    torch.testing.assert_close(out["topk_confidence"], log_v)
+    torch.testing.assert_close(out["self_certainty"], torch.zeros(7), atol=1e-5, rtol=0)

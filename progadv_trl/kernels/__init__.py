@@ -1,5 +1,5 @@
 """Fused, vocabulary-chunked per-token statistics of causal-LM heads (no ``[N, V]`` logits)."""
 
-from .token_stats import POLICY_STATS, STATS, token_stats, two_model_token_stats
+from .fused_stats import POLICY_STATS, STATS, token_stats, two_model_token_stats
 
 __all__ = ["POLICY_STATS", "STATS", "token_stats", "two_model_token_stats"]

@@ -18,6 +18,9 @@ With ``e_j = exp(zp_j - m)`` (``m`` the running max of the policy logits) the fo
     self_certainty  = logZp - mean_j zp_j - log V         = KL(U || p)
     topk_confidence = logZp - mean(top-k zp)              = -(1/k) sum of the k largest log p_j
 
+``topk_confidence`` streams too: values at or above a lower bound of each row's k-th largest logit go to a small
+per-row pool (whole blocks below it are skipped), and one top-k of the pool at the end gives the k largest.
+
 The scale factors are folded into the fp32 hidden states and bias before the GEMM (mathematically the same
 transform). Without softcap the logits are linear in ``h``, so ``mean_j zp_j = h . mean_j W_j + mean_j b_j``
 needs no pass over the tiles.
@@ -32,14 +35,16 @@ import torch
 
 STATS = ("logprob", "ref_logprob", "entropy", "kl", "self_certainty", "topk_confidence")
 POLICY_STATS = ("logprob", "entropy", "self_certainty", "topk_confidence")
-_REFERENCE_STATS = ("ref_logprob", "kl")
 
 # Default tile: ``_TILE_ELEMENTS`` fp32 logits per model (4 MiB), at most ``_MAX_ROWS`` rows per block
 _TILE_ELEMENTS = 1 << 20
 _MAX_ROWS = 2048
 _MIN_CHUNK = 256
-# Streaming top-k: the running k-th largest value prunes whole blocks of ``_TOPK_GROUP`` logits
+# Streaming top-k: a lower bound of the k-th largest logit prunes whole blocks of ``_TOPK_GROUP`` logits; the
+# survivors go to a per-row pool of ``_TOPK_POOL * k`` values (torch.topk has a large per-row cost on CPU, so it
+# only runs when a row's pool overflows, mostly on the first chunk, and once at the end)
 _TOPK_GROUP = 32
+_TOPK_POOL = 8
 
 
 class _Head:
@@ -111,7 +116,7 @@ class _Fold:
     """Running per-token accumulators over vocabulary chunks for one model.
 
     Always the online log-sum-exp (``m``, ``S``); optionally ``A = sum e z``, ``B = sum e z_other``, the logit sum
-    and a running top-k buffer ``[N, k]`` (with ``tau``, its k-th largest value, to prune later chunks).
+    and a pool ``[N, _TOPK_POOL * k]`` of candidates for the k largest logits (``count`` filled per row).
     """
 
     def __init__(self, n, device, *, a=False, b=False, zsum=False, top_k=0):
@@ -125,7 +130,8 @@ class _Fold:
         self.zsum = zeros() if zsum else None
         self.k = top_k
         if top_k:
-            self.topv = torch.full((n, top_k), -math.inf, device=device)
+            self.pool = torch.full((n, _TOPK_POOL * top_k), -math.inf, device=device)
+            self.count = torch.zeros(n, device=device, dtype=torch.long)
             self.tau = torch.full((n,), -math.inf, device=device)
 
     def update(self, rows: slice, z: torch.Tensor, scratch: torch.Tensor | None, other: torch.Tensor | None = None):
@@ -152,42 +158,41 @@ class _Fold:
             self.b[rows].mul_(rescale).add_(e.mul_(other).sum(-1))
 
     def _update_topk(self, rows: slice, z: torch.Tensor) -> torch.Tensor:
-        """Merge the tile's k largest logits into the running top-k of ``rows``; returns the tile's row max.
+        """Append the tile's logits that may be among the row's k largest to the row's pool; returns the row max.
 
-        Only blocks of ``_TOPK_GROUP`` logits whose max beats the running k-th largest value can contribute, so after
-        the first chunks only a few blocks of a few rows are gathered and merged.
+        ``tau`` is a lower bound of each row's final k-th largest logit (the k-th largest of its pool at the last
+        compaction), so only values ``>= tau`` are kept, and whole blocks of ``_TOPK_GROUP`` logits below it are
+        skipped. A row whose pool would overflow is compacted to the top-k of (pool, tile row) instead.
         """
         n, c = z.shape
-        topv, tau = self.topv[rows], self.tau[rows]
-        g = _TOPK_GROUP
-        if c % g:
-            vals = z.topk(min(self.k, c), -1, sorted=False).values
-            self._merge(topv, tau, None, vals)
-            return vals.amax(-1)
-        block_max = z.view(n, c // g, g).amax(-1)
+        g = _TOPK_GROUP if c % _TOPK_GROUP == 0 else c
+        pool, count, tau = self.pool[rows], self.count[rows], self.tau[rows]
+        blocks = z.view(n, c // g, g)
+        block_max = blocks.amax(-1)
         chunk_max = block_max.amax(-1)
-        counts = (block_max > tau.unsqueeze(-1)).sum(-1)
-        hit = counts.nonzero().squeeze(-1)
-        if hit.numel() == 0:
+        row, block = (block_max >= tau.unsqueeze(-1)).nonzero().unbind(-1)  # row-major, so rows ascend
+        if row.numel() == 0:
             return chunk_max
-        n_blocks = int(counts.max())
-        if n_blocks * g >= c:  # every block of some row may contribute: plain top-k of those rows
-            vals = z.index_select(0, hit).topk(min(self.k, c), -1, sorted=False).values
-        else:
-            idx = block_max.index_select(0, hit).topk(n_blocks, -1, sorted=False).indices
-            vals = z.view(n, c // g, g)[hit.unsqueeze(-1), idx].view(hit.numel(), n_blocks * g)
-        self._merge(topv, tau, hit, vals)
+        vals = blocks[row, block]
+        keep = vals >= tau[row].unsqueeze(-1)
+        vals, row = vals[keep], row.unsqueeze(-1).expand(-1, g)[keep]
+        new = torch.bincount(row, minlength=n)
+        over = (count + new > pool.shape[1]).nonzero().squeeze(-1)
+        if over.numel():
+            top = torch.cat([pool[over], z[over]], -1).topk(self.k, -1, sorted=False).values
+            pool[over] = torch.cat([top, top.new_full((over.numel(), pool.shape[1] - self.k), -math.inf)], -1)
+            count[over] = self.k
+            tau[over] = top.amin(-1)
+            new[over] = 0
+            stay = new[row] > 0
+            vals, row = vals[stay], row[stay]
+        first = torch.cumsum(new, 0) - new  # index in ``vals`` of each row's first new value
+        pool[row, count[row] + torch.arange(row.numel(), device=row.device) - first[row]] = vals
+        count += new
         return chunk_max
 
-    def _merge(self, topv, tau, hit, vals):
-        old = topv if hit is None else topv.index_select(0, hit)
-        merged = torch.cat([old, vals], -1).topk(self.k, -1, sorted=False).values
-        if hit is None:
-            topv.copy_(merged)
-            tau.copy_(merged.amin(-1))
-        else:
-            topv[hit] = merged
-            tau[hit] = merged.amin(-1)
+    def top_k_values(self) -> torch.Tensor:
+        return self.pool.topk(self.k, -1, sorted=False).values
 
     def log_z(self) -> torch.Tensor:
         return self.m + torch.log(self.s)
@@ -228,7 +233,7 @@ def _fused_stats(policy: _Head, reference: _Head | None, targets: torch.Tensor, 
     """The fold shared by :func:`two_model_token_stats` and :func:`token_stats` (``reference=None``)."""
     n, vocab, device = targets.shape[0], policy.vocab, targets.device
     targets = targets.long()
-    need_policy = bool(want & {"logprob", "entropy", "kl", "self_certainty", "topk_confidence"})
+    need_policy = bool(want & {*POLICY_STATS, "kl"})
     need_ref = reference is not None and bool(want & {"ref_logprob", "kl"})
     k = min(top_k, vocab) if "topk_confidence" in want else 0
     linear_mean = policy.softcap is None
@@ -266,7 +271,7 @@ def _fused_stats(policy: _Head, reference: _Head | None, targets: torch.Tensor, 
             mean = policy.mean_logits() if linear_mean else p_fold.zsum / vocab
             out["self_certainty"] = log_z - mean - math.log(vocab)
         if "topk_confidence" in want:
-            out["topk_confidence"] = log_z - p_fold.topv.mean(-1)
+            out["topk_confidence"] = log_z - p_fold.top_k_values().mean(-1)
     if need_ref:
         ref_log_z = r_fold.log_z()
         if "ref_logprob" in want:
