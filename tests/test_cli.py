@@ -132,3 +132,19 @@ def test_bad_usage_exit_2(tiny_dir, data, tmp_path, capsys):
 def test_env(capsys):
     assert main(["env"]) == 0
     assert "trl" in capsys.readouterr().out
+
+
+def test_attribute_on_who_and_when_reports_step_and_agent_accuracy(tiny_dir, tmp_path, capsys):
+    from conftest import SHARED_DATA
+
+    ww = SHARED_DATA / "who_and_when" / "Hand-Crafted"
+    if not ww.is_dir():
+        pytest.skip("shared/data/who_and_when not present")
+    out = tmp_path / "ww.jsonl"
+    assert main(["attribute", *_models(tiny_dir), "--input", str(ww), "--output", str(out), "--limit", "3",
+                 "--rendering", "plain", "--max-length", "512"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["mistake_step"] in r["action_messages"] for r in rows)
+    assert all(r["predicted_agent"] and r["mistake_agent"] for r in rows)
+    err = capsys.readouterr().err
+    assert "step-level accuracy" in err and "agent-level accuracy" in err
