@@ -85,6 +85,10 @@ class ProgressAdvantageConfig:
             Where a snapshot reference (beta-0 runs, ``sync_ref_model``) lives: ``"device"`` (beside the policy),
             ``"cpu"``, or ``"disk"`` (safetensors, loaded for each evaluation). ``"auto"`` is ``"device"``. The
             snapshot is also written to disk once so that a resumed run keeps the initial reference.
+        reference_cache (`bool`, *optional*, defaults to `True`):
+            Remember the reference's hidden states on the fixed held-out rollouts: one reference forward for the whole
+            run. With ``reference_placement="disk"`` the snapshot is then not even loaded again after the first
+            evaluation (only its LM head is kept, and weight drift is read from its safetensors file by file).
         follow_sync_ref_model (`bool`, *optional*, defaults to `False`):
             With ``sync_ref_model=True``, use TRL's moving reference instead of the initial policy.
         also_temperature_one (`bool`, *optional*, defaults to `False`):
@@ -124,6 +128,7 @@ class ProgressAdvantageConfig:
     eval_num_generations: int | None = field(default=None, metadata={"help": "Completions per held-out prompt (default: the trainer's num_generations)."})
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every this many steps (default: trainer's eval_steps, else logging_steps)."})
     reference_placement: str = field(default="auto", metadata={"help": "Where a snapshot reference lives.", "choices": ("auto", "device", "cpu", "disk")})
+    reference_cache: bool = field(default=True, metadata={"help": "Cache the reference's hidden states on fixed held-out rollouts."})
     follow_sync_ref_model: bool = field(default=False, metadata={"help": "With sync_ref_model, follow TRL's moving reference."})
     also_temperature_one: bool = field(default=False, metadata={"help": "Also log signal quality at temperature 1.0."})
     quality_metric: str = field(default="auroc", metadata={"help": "Metric defining the best evaluation.", "choices": ("auroc", "spearman", "best_of_n", "attribution_accuracy")})

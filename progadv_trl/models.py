@@ -183,3 +183,71 @@ def weights_sha256(path: str | os.PathLike) -> str:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+class CachedView:
+    """A reference whose final hidden states are remembered per token sequence.
+
+    A fixed held-out set then costs one reference forward for the whole run: later evaluations read the cache.
+    The underlying model is loaded on the first miss (``load``) and can be released afterwards (:meth:`release`),
+    keeping only a copy of the LM head. Entries not used by an evaluation are dropped at its end, so fresh rollouts
+    do not accumulate.
+    """
+
+    def __init__(self, load):
+        self._load, self._view, self._head = load, None, None
+        self._cache: dict[bytes, torch.Tensor] = {}
+        self._used: set[bytes] = set()
+        self.hits = self.misses = 0
+
+    def _model_view(self) -> ModelView:
+        if self._view is None:
+            self._view = self._load()
+        return self._view
+
+    @property
+    def model(self):
+        return self._model_view().model
+
+    @property
+    def adapter(self):
+        return self._model_view().adapter
+
+    @property
+    def head(self) -> LMHead:
+        return self._head if self._head is not None else self._model_view().head
+
+    @property
+    def device(self) -> torch.device:
+        return self.head.weight.device
+
+    @torch.no_grad()
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        lengths = attention_mask.sum(-1).tolist()
+        keys = [input_ids[b, :n].cpu().numpy().tobytes() for b, n in enumerate(lengths)]
+        self._used.update(keys)
+        if all(k in self._cache for k in keys):
+            self.hits += len(keys)
+            first = self._cache[keys[0]]
+            out = first.new_zeros((len(keys), input_ids.shape[1], first.shape[-1]))
+            for b, (k, n) in enumerate(zip(keys, lengths)):
+                out[b, :n] = self._cache[k]
+            return out.to(self.device)
+        self.misses += len(keys)
+        hidden = self._model_view().hidden_states(input_ids, attention_mask)
+        for b, (k, n) in enumerate(zip(keys, lengths)):
+            self._cache[k] = hidden[b, :n].detach().to("cpu")
+        return hidden
+
+    def end_evaluation(self) -> None:
+        """Drop entries the last evaluation did not use."""
+        self._cache = {k: v for k, v in self._cache.items() if k in self._used}
+        self._used = set()
+
+    def release(self) -> None:
+        """Let go of the model (keep a copy of its head): the next miss loads it again."""
+        if self._view is not None:
+            h = self._view.head
+            self._head = LMHead(h.weight.detach().clone(), None if h.bias is None else h.bias.detach().clone(),
+                                h.logit_scale, h.softcap)
+            self._view = None

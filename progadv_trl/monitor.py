@@ -30,7 +30,7 @@ from .config import ProgressAdvantageConfig
 from .data import Trajectory
 from .drift import DecayDetector, token_drift
 from .metrics import kendall_tau
-from .models import ModelView
+from .models import CachedView, ModelView
 from .reference import Reference
 from .results import METHOD, evaluation_table
 from .scorer import ProgressAdvantageScorer
@@ -93,6 +93,8 @@ class ProgressAdvantageMonitor:
         if not self.heldout and sampler is None:
             raise ValueError("ProgressAdvantageMonitor needs held-out rollouts: set config.heldout (labelled "
                              "trajectories) or config.heldout_prompts")
+        moving = self.reference.kind == "trl_ref_model" and self.config.follow_sync_ref_model
+        self._cached = CachedView(self.reference.view) if self.config.reference_cache and not moving else None
         self.history: list[dict] = []
         self.detector = DecayDetector(self.config.decay_margin)
         self.last_results: list = []
@@ -121,7 +123,7 @@ class ProgressAdvantageMonitor:
                 trajectories += self.sampler(policy)
             rank, world = _dist()
             shard = trajectories[rank::world]
-            ref_view = self.reference.view()
+            ref_view = self._cached if self._cached is not None else self.reference.view()
             scorer = self._scorer(policy, ref_view, temperature, beta)
             results, drift = scorer.score_with_drift(shard)
             t1_results = None
@@ -130,6 +132,11 @@ class ProgressAdvantageMonitor:
             weight = self.reference.weight_drift(model)
         finally:
             model.train(was_training)
+            if self._cached is not None:
+                self._cached.end_evaluation()
+                if self.reference.kind == "snapshot" and self.reference.device is not None and \
+                        self.reference._view is None:  # a snapshot kept on disk: do not hold it between evaluations
+                    self._cached.release()
         gathered = _gather((rank, results, drift, t1_results))
         results, drift, t1_results = self._unshard(gathered, len(trajectories), world)
         metrics = self._metrics(results, drift, t1_results, weight)

@@ -72,9 +72,22 @@ class Reference:
                     base_norm.append(p.detach().double().pow(2).sum().item())
             num = sum((d.double() - r.double()).pow(2).sum().item() for d, r in pairs)
             return (num / sum(base_norm)) ** 0.5 if base_norm else float("nan")
+        if self._view is None and self.path:  # on disk: stream it tensor by tensor instead of loading the model
+            return weight_drift(_safetensors_pairs(unwrap(model), Path(self.path)))
         ref_model = unwrap(self.view().model)
         ref_params = dict(ref_model.named_parameters())
         return weight_drift((p, ref_params[n]) for n, p in unwrap(model).named_parameters() if n in ref_params)
+
+
+def _safetensors_pairs(model, folder: Path):
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters())
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if name in params:
+                    yield params[name], f.get_tensor(name)
 
 
 def snapshot(model, path: str | Path, placement: str, device=None) -> Reference:
