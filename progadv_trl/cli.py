@@ -122,13 +122,15 @@ def _config_from_args(args):
     return base, {k: v for k, v in overrides.items() if v is not None}
 
 
-def _load_scorer(args):
+def _load_scorer(args, baselines: list[str] | None = None):
     import torch
 
     from .config import ProgressAdvantageConfig
     from .scorer import ProgressAdvantageScorer
 
     base, overrides = _config_from_args(args)
+    if baselines is not None:
+        overrides["baselines"] = baselines
     dtype = getattr(torch, args.dtype) if args.dtype else None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.scorer:
@@ -214,9 +216,10 @@ def cmd_score(args) -> int:
 
 
 def cmd_rank(args) -> int:
-    scorer = _load_scorer(args)
     from .baselines import BASELINES
     from .results import METHOD
+
+    scorer = _load_scorer(args, [] if args.by == METHOD else [args.by])
 
     if args.by != METHOD and args.by not in BASELINES:
         raise UsageError(f"--by {args.by!r}: expected {METHOD} or one of {', '.join(BASELINES)}")
@@ -270,7 +273,6 @@ def cmd_attribute(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    scorer = _load_scorer(args)
     from .baselines import BASELINES
     from .metrics import format_table
 
@@ -278,6 +280,7 @@ def cmd_evaluate(args) -> int:
     unknown = [m for m in methods if m not in BASELINES]
     if unknown:
         raise UsageError(f"--methods: unknown {unknown}; known: {', '.join(BASELINES)}")
+    scorer = _load_scorer(args, methods)
     results = list(_scored(args, scorer))
     table = scorer.evaluate(results, methods)
     print(format_table(table))

@@ -106,8 +106,9 @@ class ModelView:
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """``[B, L, H]`` final (post-norm) hidden states."""
         decoder = unwrap(self.model).get_decoder()
+        mask = None if bool(attention_mask.all()) else attention_mask  # no padding: SDPA's causal kernel, no mask
         with self.active():
-            out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            out = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
         return out.last_hidden_state
 
 

@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .baselines import BASELINES
 from .config import ProgressAdvantageConfig
 from .data import Trajectory
 from .drift import DecayDetector, token_drift
@@ -102,8 +103,9 @@ class ProgressAdvantageMonitor:
 
     # ------------------------------------------------------------------ evaluation
     def _scorer(self, policy, reference_view, temperature: float, beta: float) -> ProgressAdvantageScorer:
+        baselines = self.config.baselines or (list(BASELINES) if self.config.log_baselines else [])
         cfg = dataclasses.replace(self.config, temperature=temperature, beta=beta, heldout=None,
-                                  heldout_prompts=None)
+                                  heldout_prompts=None, baselines=baselines)
         return ProgressAdvantageScorer(policy if isinstance(policy, ModelView) else ModelView(policy),
                                        reference_view, self.tokenizer, None, cfg)
 

@@ -166,11 +166,15 @@ def score_trajectory(traj: Trajectory, tok: TokenizedTrajectory, stats: TokenSta
     action_values = {METHOD: msg_adv.to(torch.float64).tolist()}
 
     action = p_steps >= 0
-    conf = stats["topk_confidence"][action]
-    baselines = {"self_certainty": self_certainty_score(stats["self_certainty"][action]),
-                 **deepconf_scores(conf, window=config.deepconf_window, tail=config.deepconf_tail),
+    missing = torch.full_like(lp, float("nan"))  # statistics not computed (baselines not requested)
+    token = {k: stats.get(k) if stats.get(k) is not None else missing
+             for k in ("self_certainty", "topk_confidence", "entropy")}
+    baselines = {"self_certainty": self_certainty_score(token["self_certainty"][action]),
+                 **deepconf_scores(token["topk_confidence"][action], window=config.deepconf_window,
+                                   tail=config.deepconf_tail),
                  "policy_logprob": mean_score(lp[action]), "reference_logprob": mean_score(lr[r_steps >= 0]),
-                 "neg_entropy": -mean_score(stats["entropy"][action]), "random": random_value}
+                 "neg_entropy": -mean_score(token["entropy"][action]), "random": random_value}
+    stats = TokenStats({**stats.stats, **token})
     for name, (stat, sign) in _BASELINE_TOKEN_STAT.items():
         idx = msg_p if stat != "ref_logprob" or reference_tok is None else _message_index(reference_tok, r_steps, actions)
         action_values[name] = (sign * step_baseline_values(stats[stat], idx, len(actions))).tolist()

@@ -151,6 +151,7 @@ class ProgressAdvantageScorer:
         stats = compute_token_stats(
             self.policy, self.reference, toks, ref_toks, temperature=cfg.temperature, top_k=cfg.top_k,
             chunk_size=cfg.chunk_size, batch_size=cfg.batch_size, all_positions=details,
+            policy_stats=_policy_stats_for(cfg.baselines), with_kl=with_drift,
             pad_id=_pad_id(self.tokenizer),
             reference_pad_id=None if self.reference_tokenizer is None else _pad_id(self.reference_tokenizer))
         rand = random_scores([str(t.id) for t in trajs], seed=cfg.seed)
@@ -176,8 +177,8 @@ class ProgressAdvantageScorer:
         return attribute(results, self.config.attribution, self.config.attribution_threshold)
 
     def evaluate(self, results: Sequence[TrajectoryScore], methods: Sequence[str] | None = None) -> dict:
-        """Metric table: progress advantage and the baselines (default: every baseline)."""
-        return evaluation_table(results, methods, attribution=self.config.attribution,
+        """Metric table: progress advantage and the baselines (default: the configured ``baselines``)."""
+        return evaluation_table(results, self.config.baselines if methods is None else methods, attribution=self.config.attribution,
                                 threshold=self.config.attribution_threshold)
 
     # ------------------------------------------------------------------ save / load
@@ -305,6 +306,16 @@ class ProgressAdvantageScorer:
             ref_tok = load_tokenizer(_inside(root, meta["reference_tokenizer"], meta_path, "reference_tokenizer"),
                                      trust_remote_code=trust_remote_code)
         return cls(ModelView(policy_model), reference, tokenizer, ref_tok, config, meta.get("provenance"))
+
+
+_STAT_OF_BASELINE = {"self_certainty": "self_certainty", "neg_entropy": "entropy", "deepconf_mean": "topk_confidence",
+                     "deepconf_tail": "topk_confidence", "deepconf_bottom10": "topk_confidence",
+                     "deepconf_lowest": "topk_confidence"}
+
+
+def _policy_stats_for(baselines: Sequence[str]) -> tuple[str, ...]:
+    """The policy statistics the requested baselines need, beside the log-prob (a top-k fold costs the most)."""
+    return tuple(dict.fromkeys(["logprob", *(_STAT_OF_BASELINE[b] for b in baselines if b in _STAT_OF_BASELINE)]))
 
 
 def unwrap_ddp(model):

@@ -79,7 +79,7 @@ def compute_token_stats(policy: ModelView, reference: ModelView, policy_tokens: 
                         reference_tokens: list[TokenizedTrajectory] | None = None, *, temperature: float = 1.0,
                         top_k: int = 20, chunk_size: int | None = None, batch_size: int = 8,
                         all_positions: bool = False, pad_id: int = 0, reference_pad_id: int | None = None,
-                        policy_stats: tuple[str, ...] = POLICY_STATS) -> list[TokenStats]:
+                        policy_stats: tuple[str, ...] = POLICY_STATS, with_kl: bool = True) -> list[TokenStats]:
     """Statistics for a list of tokenized trajectories.
 
     Args:
@@ -88,7 +88,9 @@ def compute_token_stats(policy: ModelView, reference: ModelView, policy_tokens: 
         reference_tokens: the reference's tokens when its tokenizer differs; ``None`` = the same ids (then one fused
             pass computes both models' statistics and the exact per-token KL).
         all_positions: score every position (for ``--details``), not only the steps' tokens.
+        policy_stats: the policy statistics to compute (``logprob`` always); ``with_kl``: also the exact KL.
     """
+    policy_stats = tuple(dict.fromkeys(("logprob", *policy_stats)))
     results: list[dict[str, torch.Tensor]] = [{} for _ in policy_tokens]
     p_head, r_head = policy.head, reference.head
     p_pos = [_scored_positions(t, all_positions) for t in policy_tokens]
@@ -104,7 +106,7 @@ def compute_token_stats(policy: ModelView, reference: ModelView, policy_tokens: 
                 policy_bias=p_head.bias, reference_bias=None if r_head.bias is None else r_head.bias.to(hp.device),
                 temperature=temperature, policy_logit_scale=p_head.logit_scale,
                 reference_logit_scale=r_head.logit_scale, policy_softcap=p_head.softcap,
-                reference_softcap=r_head.softcap, stats=(*policy_stats, "ref_logprob", "kl"), top_k=top_k,
+                reference_softcap=r_head.softcap, stats=(*policy_stats, "ref_logprob", *(("kl",) if with_kl else ())), top_k=top_k,
                 chunk_size=chunk_size)
         else:
             out = token_stats(hp, p_head.weight, targets, bias=p_head.bias, temperature=temperature,
@@ -124,7 +126,7 @@ def compute_token_stats(policy: ModelView, reference: ModelView, policy_tokens: 
             _scatter({"ref_logprob": out["logprob"]}, reference_tokens, idx, r_pos, results)
     for i, res in enumerate(results):  # trajectories with nothing scored still get NaN arrays
         n_ref = len((policy_tokens if shared else reference_tokens)[i].input_ids)
-        for key in (*policy_stats, "ref_logprob", *(("kl",) if shared else ())):
+        for key in (*policy_stats, "ref_logprob", *(("kl",) if shared and with_kl else ())):
             if key not in res:
                 n = n_ref if key == "ref_logprob" else len(policy_tokens[i].input_ids)
                 res[key] = torch.full((n,), float("nan"))
