@@ -72,6 +72,12 @@ class NumberLineEnv:
         if len(self._index) != len(self.replies):
             raise ValueError("reply strings must be distinct")
 
+    def config(self) -> dict:
+        """Constructor arguments (JSON-ready): ``NumberLineEnv(**env.config())`` rebuilds the task family."""
+        replies = [[t, ACTIONS[a], f] for t, a, f in zip(self.replies, self.reply_action, self.reply_frequency)]
+        return {"size": self.size, "max_turns": self.max_turns, "slip": self.slip,
+                "max_distance": self.max_distance, "replies": replies}
+
     # ------------------------------------------------------------------ tasks and texts
     def tasks(self) -> list[Task]:
         return [Task(s, g) for s in range(self.size) for g in range(self.size)
@@ -125,11 +131,11 @@ class NumberLineEnv:
                 out[nxt] = out.get(nxt, 0.0) + p
         return [(p, s) for s, p in out.items()]
 
-    def step(self, task: Task, state: State, reply: str, rng) -> State:
-        """Sample the next state for a reply text with ``rng`` (a ``random.Random``)."""
-        action = self.parse(reply)
+    def step(self, task: Task, state: State, reply: int | None, rng) -> State:
+        """Sample the next state after reply ``reply`` (an index of :attr:`replies`, ``None``: invalid) with ``rng``
+        (a ``random.Random``)."""
         r, acc = rng.random(), 0.0
-        trans = self.transitions(task, state, None if action is None else self.reply_action[action])
+        trans = self.transitions(task, state, None if reply is None else self.reply_action[reply])
         for p, nxt in trans:
             acc += p
             if r < acc:
