@@ -326,11 +326,9 @@ def unwrap_ddp(model):
 
 def _save_plain_base(base, path: Path) -> None:
     """Save a PEFT model's base weights without the LoRA layers (adapters are disabled by the caller)."""
-    from peft.utils import get_peft_model_state_dict  # noqa: F401  (peft is a dependency; kept for clarity)
-
     state = {k.replace("base_layer.", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
     clone = type(base)(base.config)
-    clone.load_state_dict(state, strict=False)
+    clone.load_state_dict(state)
     clone.save_pretrained(str(path), safe_serialization=True)
 
 

@@ -1,7 +1,5 @@
 """The monitor without a Trainer: reference caching, disk snapshots, drift numbers, decay warnings."""
 
-import logging
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -8,8 +8,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from progadv_trl import ProgressAdvantageConfig, ProgressAdvantageScorer
 from progadv_trl.advantage import token_aggregate, trajectory_aggregate
-from progadv_trl.data import Message, Trajectory
-from progadv_trl.rendering import TrajectoryTokenizer
 from progadv_trl.tiny import build_model, build_tokenizer
 
 from conftest import sample_trajectories
