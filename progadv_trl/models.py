@@ -103,13 +103,29 @@ class ModelView:
         return lm_head(self.model)
 
     @torch.no_grad()
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``[B, L, H]`` final (post-norm) hidden states."""
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      shared_prefix: int = 0) -> torch.Tensor:
+        """``[B, L, H]`` final (post-norm) hidden states of right-padded rows.
+
+        ``shared_prefix = P > 0`` says the rows share their first ``P`` tokens: the prefix is encoded once and its
+        key/value cache reused for every row's suffix (a best-of-N group's prompt costs one pass, not N).
+        """
         decoder = unwrap(self.model).get_decoder()
-        mask = None if bool(attention_mask.all()) else attention_mask  # no padding: SDPA's causal kernel, no mask
         with self.active():
-            out = decoder(input_ids=input_ids, attention_mask=mask, use_cache=False)
-        return out.last_hidden_state
+            if shared_prefix > 0:
+                return _with_shared_prefix(decoder, input_ids, attention_mask, shared_prefix)
+            mask = None if bool(attention_mask.all()) else attention_mask  # no padding: SDPA's causal kernel
+            return decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def _with_shared_prefix(decoder, input_ids, attention_mask, p: int) -> torch.Tensor:
+    rows = input_ids.shape[0]
+    prefix = decoder(input_ids=input_ids[:1, :p], use_cache=True)
+    cache = prefix.past_key_values
+    cache.batch_repeat_interleave(rows)
+    mask = attention_mask if not bool(attention_mask.all()) else None
+    suffix = decoder(input_ids=input_ids[:, p:], attention_mask=mask, past_key_values=cache, use_cache=True)
+    return torch.cat([prefix.last_hidden_state.expand(rows, -1, -1), suffix.last_hidden_state], 1)
 
 
 def _strip_wrappers(model):
@@ -223,7 +239,8 @@ class CachedView:
         return self.head.weight.device
 
     @torch.no_grad()
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      shared_prefix: int = 0) -> torch.Tensor:
         lengths = attention_mask.sum(-1).tolist()
         keys = [input_ids[b, :n].cpu().numpy().tobytes() for b, n in enumerate(lengths)]
         self._used.update(keys)
@@ -235,7 +252,7 @@ class CachedView:
                 out[b, :n] = self._cache[k]
             return out.to(self.device)
         self.misses += len(keys)
-        hidden = self._model_view().hidden_states(input_ids, attention_mask)
+        hidden = self._model_view().hidden_states(input_ids, attention_mask, shared_prefix)
         for b, (k, n) in enumerate(zip(keys, lengths)):
             self._cache[k] = hidden[b, :n].detach().to("cpu")
         return hidden

@@ -44,12 +44,31 @@ def _scored_positions(tok: TokenizedTrajectory, all_positions: bool) -> torch.Te
     return keep.nonzero().squeeze(-1)
 
 
-def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+MIN_SHARED_PREFIX = 32  # tokens; shorter common prefixes are not worth a second decoder call
+
+
+def _batches(toks: list[TokenizedTrajectory], batch_size: int, share_prefix: bool) -> list[list[int]]:
+    """Index batches: by token sequence when sharing prefixes (a group's rows become neighbours), else by length."""
+    if share_prefix:
+        order = sorted(range(len(toks)), key=lambda i: toks[i].input_ids)
+    else:
+        order = sorted(range(len(toks)), key=lambda i: len(toks[i].input_ids))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def _gather_hidden(view: ModelView, toks: list[TokenizedTrajectory], idx: list[int], positions, pad_id: int):
+def _shared_prefix(rows: list[list[int]]) -> int:
+    """Length of the common prefix of ``rows``, leaving every row at least one token of its own."""
+    if len(rows) < 2:
+        return 0
+    limit = min(len(r) for r in rows) - 1
+    n = 0
+    while n < limit and all(r[n] == rows[0][n] for r in rows):
+        n += 1
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def _gather_hidden(view: ModelView, toks: list[TokenizedTrajectory], idx: list[int], positions, pad_id: int,
+                   share_prefix: bool = False):
     """Hidden states feeding each scored position of the batch ``idx``, stacked: ``[N, H]``, and targets ``[N]``."""
     device = view.device
     width = max(len(toks[i].input_ids) for i in idx)
@@ -59,7 +78,8 @@ def _gather_hidden(view: ModelView, toks: list[TokenizedTrajectory], idx: list[i
         n = len(toks[i].input_ids)
         ids[row, :n] = torch.tensor(toks[i].input_ids, dtype=torch.long)
         mask[row, :n] = 1
-    hidden = view.hidden_states(ids.to(device), mask.to(device))
+    prefix = _shared_prefix([toks[i].input_ids for i in idx]) if share_prefix else 0
+    hidden = view.hidden_states(ids.to(device), mask.to(device), prefix)
     rows = torch.cat([torch.full_like(positions[i], row) for row, i in enumerate(idx)]).to(device)
     cols = torch.cat([positions[i] for i in idx]).to(device)
     return hidden[rows, cols - 1], ids.to(device)[rows, cols]
@@ -79,7 +99,8 @@ def compute_token_stats(policy: ModelView, reference: ModelView, policy_tokens: 
                         reference_tokens: list[TokenizedTrajectory] | None = None, *, temperature: float = 1.0,
                         top_k: int = 20, chunk_size: int | None = None, batch_size: int = 8,
                         all_positions: bool = False, pad_id: int = 0, reference_pad_id: int | None = None,
-                        policy_stats: tuple[str, ...] = POLICY_STATS, with_kl: bool = True) -> list[TokenStats]:
+                        policy_stats: tuple[str, ...] = POLICY_STATS, with_kl: bool = True,
+                        share_prefix: bool = True) -> list[TokenStats]:
     """Statistics for a list of tokenized trajectories.
 
     Args:
@@ -89,18 +110,19 @@ def compute_token_stats(policy: ModelView, reference: ModelView, policy_tokens: 
             pass computes both models' statistics and the exact per-token KL).
         all_positions: score every position (for ``--details``), not only the steps' tokens.
         policy_stats: the policy statistics to compute (``logprob`` always); ``with_kl``: also the exact KL.
+        share_prefix: encode a prefix shared by a batch's rows (a best-of-N group's prompt) once.
     """
     policy_stats = tuple(dict.fromkeys(("logprob", *policy_stats)))
     results: list[dict[str, torch.Tensor]] = [{} for _ in policy_tokens]
     p_head, r_head = policy.head, reference.head
     p_pos = [_scored_positions(t, all_positions) for t in policy_tokens]
     shared = reference_tokens is None
-    for idx in _batches([len(t.input_ids) for t in policy_tokens], batch_size):
+    for idx in _batches(policy_tokens, batch_size, share_prefix):
         if sum(p_pos[i].numel() for i in idx) == 0:
             continue
-        hp, targets = _gather_hidden(policy, policy_tokens, idx, p_pos, pad_id)
+        hp, targets = _gather_hidden(policy, policy_tokens, idx, p_pos, pad_id, share_prefix)
         if shared:
-            hr, _ = _gather_hidden(reference, policy_tokens, idx, p_pos, pad_id)
+            hr, _ = _gather_hidden(reference, policy_tokens, idx, p_pos, pad_id, share_prefix)
             out = two_model_token_stats(
                 hp, p_head.weight, hr.to(hp.device), r_head.weight.to(hp.device), targets,
                 policy_bias=p_head.bias, reference_bias=None if r_head.bias is None else r_head.bias.to(hp.device),
@@ -115,11 +137,11 @@ def compute_token_stats(policy: ModelView, reference: ModelView, policy_tokens: 
         _scatter(out, policy_tokens, idx, p_pos, results)
     if not shared:
         r_pos = [_scored_positions(t, all_positions) for t in reference_tokens]
-        for idx in _batches([len(t.input_ids) for t in reference_tokens], batch_size):
+        for idx in _batches(reference_tokens, batch_size, share_prefix):
             if sum(r_pos[i].numel() for i in idx) == 0:
                 continue
             hr, targets = _gather_hidden(reference, reference_tokens, idx, r_pos,
-                                         pad_id if reference_pad_id is None else reference_pad_id)
+                                         pad_id if reference_pad_id is None else reference_pad_id, share_prefix)
             out = token_stats(hr, r_head.weight, targets, bias=r_head.bias, temperature=temperature,
                               logit_scale=r_head.logit_scale, softcap=r_head.softcap, stats=("logprob",),
                               chunk_size=chunk_size)

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from progadv_trl import ProgressAdvantageConfig, ProgressAdvantageScorer
 from progadv_trl.advantage import token_aggregate, trajectory_aggregate
+from progadv_trl.data import Message, Trajectory
 from progadv_trl.tiny import build_model, build_tokenizer
 
 from conftest import sample_trajectories
@@ -211,3 +212,23 @@ def test_bf16_models_score_close_to_fp32(tiny_dir):
                                             dtype=torch.bfloat16).score(trajs)
     for x, y in zip(a, b):
         assert math.isfinite(y.score) and abs(x.score - y.score) < 0.1
+
+
+def test_shared_prefix_encoding_matches_full_forwards(tiny_dir):
+    from progadv_trl.models import ModelView
+    from progadv_trl.rendering import TrajectoryTokenizer
+    from progadv_trl.token_statistics import compute_token_stats
+
+    prompt = "Book the cheapest flight from Paris to Rome on Monday for two people. " * 4
+    trajs = [Trajectory([Message("user", prompt), Message("assistant", f"I will search for flights {k}."),
+                         Message("tool", "three flights found"), Message("assistant", "The cheapest costs 95.")],
+                        id=str(k)) for k in range(5)]
+    tok = AutoTokenizer.from_pretrained(tiny_dir / "policy")
+    toks = [TrajectoryTokenizer(tok)(t) for t in trajs]
+    pol = ModelView(AutoModelForCausalLM.from_pretrained(tiny_dir / "policy"))
+    ref = ModelView(AutoModelForCausalLM.from_pretrained(tiny_dir / "reference"))
+    a = compute_token_stats(pol, ref, toks, batch_size=4, share_prefix=True, all_positions=True)
+    b = compute_token_stats(pol, ref, toks, batch_size=4, share_prefix=False, all_positions=True)
+    for x, y in zip(a, b):
+        for key in ("logprob", "ref_logprob", "kl"):
+            assert torch.allclose(x[key], y[key], atol=1e-5, equal_nan=True), key
