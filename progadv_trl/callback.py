@@ -49,15 +49,20 @@ class ProgressAdvantageCallback(TrainerCallback):
         trainer: the ``GRPOTrainer`` / ``RLOOTrainer`` (or any ``Trainer`` with ``beta`` and ``ref_model``) it is
             added to; callback events do not carry the trainer or its reference, so it is passed here, as TRL's own
             ``LogCompletionsCallback(trainer=...)`` does.
-        config: a :class:`ProgressAdvantageConfig` (``heldout`` and/or ``heldout_prompts`` required).
+        config: a :class:`ProgressAdvantageConfig` (``heldout``, ``heldout_prompts`` or ``sampler`` required).
+        sampler: ``sampler(policy) -> list[Trajectory]``: fresh labelled rollouts for each evaluation, for multi-turn
+            agents whose environment loop the callback cannot run itself (``rollout_func``/``environment_factory``
+            trainers): run your environment with the current policy and return the episodes as trajectories.
     """
 
-    def __init__(self, trainer, config: ProgressAdvantageConfig | None = None, **overrides):
+    def __init__(self, trainer, config: ProgressAdvantageConfig | None = None, *, sampler=None, **overrides):
         config = config or ProgressAdvantageConfig()
         self.config = dataclasses.replace(config, **overrides) if overrides else config
-        if self.config.heldout is None and self.config.heldout_prompts is None:
-            raise ValueError("ProgressAdvantageCallback needs held-out data: set heldout= (labelled rollouts) or "
-                             "heldout_prompts= (prompts the policy completes, labelled by the trainer's rewards)")
+        if self.config.heldout is None and self.config.heldout_prompts is None and sampler is None:
+            raise ValueError("ProgressAdvantageCallback needs held-out data: set heldout= (labelled rollouts), "
+                             "heldout_prompts= (prompts the policy completes, labelled by the trainer's rewards) "
+                             "or pass sampler= (your environment loop)")
+        self._user_sampler = sampler
         self.trainer = trainer
         args = trainer.args
         self.eval_steps = self.config.eval_steps or _trainer_eval_steps(args)
@@ -94,17 +99,15 @@ class ProgressAdvantageCallback(TrainerCallback):
 
     def _sampler(self):
         if self._prompt_rows is None:
-            return None
+            return self._user_sampler
         from .rollouts import sample_rollouts
 
         n = self.config.eval_num_generations or getattr(self.trainer.args, "num_generations", None) or 8
 
         def sample(policy):
-            from .monitor import _dist
-
-            rank, world = _dist()
-            return sample_rollouts(self.trainer, policy, self._prompt_rows, n, seed=self.config.seed,
+            rows = sample_rollouts(self.trainer, policy, self._prompt_rows, n, seed=self.config.seed,
                                    tag="heldout-prompt")
+            return rows + (self._user_sampler(policy) if self._user_sampler is not None else [])
 
         return sample
 

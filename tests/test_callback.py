@@ -214,3 +214,20 @@ def test_bad_configuration_fails_before_training(model_dir, dataset, tmp_path):
     trainer.processing_class.chat_template = None
     with pytest.raises(ValueError, match="chat template"):
         ProgressAdvantageCallback(trainer=trainer, config=ProgressAdvantageConfig(heldout=sample_trajectories()))
+
+
+def test_user_sampler_for_multi_turn_environments(model_dir, dataset, tmp_path):
+    """An environment loop the callback cannot run itself hands it fresh episodes through sampler=."""
+    calls = []
+
+    def sampler(policy):
+        calls.append(policy.training)
+        return sample_trajectories()
+
+    args = GRPOConfig(**grpo_args(tmp_path, beta=0.04, max_steps=2))
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_digits, args=args, train_dataset=dataset)
+    cb = ProgressAdvantageCallback(trainer=trainer, config=ProgressAdvantageConfig(), sampler=sampler)
+    trainer.add_callback(cb)
+    trainer.train()
+    assert len(calls) == 2 and not any(calls)  # train begin and step 2, each with the policy in eval mode
+    assert len(cb.monitor.last_results) == 4
