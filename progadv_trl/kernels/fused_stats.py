@@ -24,11 +24,15 @@ per-row pool (whole blocks below it are skipped), and one top-k of the pool at t
 The scale factors are folded into the fp32 hidden states and bias before the GEMM (mathematically the same
 transform). Without softcap the logits are linear in ``h``, so ``mean_j zp_j = h . mean_j W_j + mean_j b_j``
 needs no pass over the tiles.
+
+On CUDA, when Triton imports, the same fold runs fused into a Triton matmul (:mod:`.triton_fold`, which lists what
+it leaves to these torch tiles); ``PROGADV_FUSED_BACKEND=torch|triton`` forces a path.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable
 
 import torch
@@ -64,6 +68,7 @@ class _Head:
         # z = post * tanh(pre * y) with softcap, z = pre * y without (y = h @ W.T + b)
         pre = logit_scale / (temperature if softcap is None else softcap)
         self.post = None if softcap is None else softcap / temperature
+        self.pre, self.raw_hidden, self.raw_bias = pre, hidden, bias  # for the Triton path
         self.hidden = hidden.float() * pre if pre != 1.0 else hidden.float().contiguous()
         self.bias = None if bias is None else bias.float() * pre
         self.weight = weight
@@ -228,9 +233,26 @@ def _check_targets(targets: torch.Tensor, n: int, vocab: int) -> None:
                          f"[{int(targets.min())}, {int(targets.max())}]")
 
 
+def _triton_path(policy: _Head, reference: _Head | None, targets: torch.Tensor, top_k: int):
+    """The Triton module when it should run: CUDA inputs it supports, or ``PROGADV_FUSED_BACKEND=triton``."""
+    backend = os.environ.get("PROGADV_FUSED_BACKEND", "auto")
+    if backend == "torch" or targets.shape[0] == 0 or (backend == "auto" and targets.device.type != "cuda"):
+        return None
+    try:
+        from . import triton_fold
+    except ImportError:
+        if backend == "triton":
+            raise
+        return None
+    return triton_fold if backend == "triton" or triton_fold.supports(policy, reference, top_k) else None
+
+
 def _fused_stats(policy: _Head, reference: _Head | None, targets: torch.Tensor, want: set[str], top_k: int,
                  chunk_size: int | None) -> dict[str, torch.Tensor]:
     """The fold shared by :func:`two_model_token_stats` and :func:`token_stats` (``reference=None``)."""
+    triton_path = _triton_path(policy, reference, targets, top_k)
+    if triton_path is not None:
+        return triton_path.fused_stats(policy, reference, targets, want, top_k)
     n, vocab, device = targets.shape[0], policy.vocab, targets.device
     targets = targets.long()
     need_policy = bool(want & {*POLICY_STATS, "kl"})
