@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,10 +122,12 @@ class ModelView:
 def _with_shared_prefix(decoder, input_ids, attention_mask, p: int) -> torch.Tensor:
     rows = input_ids.shape[0]
     prefix = decoder(input_ids=input_ids[:1, :p], use_cache=True)
-    cache = prefix.past_key_values
+    cache = getattr(prefix, "cache", None) or prefix.past_key_values
     cache.batch_repeat_interleave(rows)
     mask = attention_mask if not bool(attention_mask.all()) else None
-    suffix = decoder(input_ids=input_ids[:, p:], attention_mask=mask, past_key_values=cache, use_cache=True)
+    # transformers >= 5.24 names the argument `cache` (`past_key_values` is deprecated there)
+    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+    suffix = decoder(input_ids=input_ids[:, p:], attention_mask=mask, use_cache=True, **{name: cache})
     return torch.cat([prefix.last_hidden_state.expand(rows, -1, -1), suffix.last_hidden_state], 1)
 
 
