@@ -1,6 +1,6 @@
 """Which token/step aggregation to default to: every combination, scored on the demo's TRAINING trajectories.
 
-    progadv demo --output-dir progadv-demo && python benchmarks/aggregation_choice.py --demo-dir progadv-demo
+    python examples/flight_demo.py --output-dir flight-demo && python benchmarks/aggregation_choice.py --demo-dir flight-demo
 
 Scores are computed once (per-token log-probs, `details=True`) and re-aggregated for each combination, so the table
 costs one scoring pass. The training split is used so that the choice does not peek at the demo's held-out table.
@@ -22,7 +22,7 @@ from progadv_trl.metrics import evaluate_methods, format_table  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo-dir", default="progadv-demo")
+    p.add_argument("--demo-dir", default="flight-demo")
     p.add_argument("--split", default="train", choices=["train", "heldout"])
     args = p.parse_args()
     trajs = load_trajectories(os.path.join(args.demo_dir, f"trajectories-{args.split}.jsonl"))

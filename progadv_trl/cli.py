@@ -99,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="run YAML (see configs/grpo_tiny.yaml)")
     p.add_argument("--output-dir", help="override args.output_dir")
     p.add_argument("--max-steps", type=int, help="override args.max_steps")
-    p = sub.add_parser("demo", help="the built-in demo: tiny models built on the spot score a bundled example")
-    p.add_argument("--output-dir", default="progadv-demo", help="where models and results go")
-    p.add_argument("--quick", action="store_true", help="smaller and faster")
+    p = sub.add_parser("demo", help="the built-in demo: GRPO on an agent task with exact optimal advantages, the "
+                       "callback attached, a report of progress advantage against the baselines")
+    p.add_argument("--output-dir", default="progadv-demo", help="where models, caches and the report go")
+    p.add_argument("--config", help="demo YAML (default: the settings of configs/demo.yaml)")
+    p.add_argument("--quick", action="store_true", help="the smoke-test settings of configs/demo_quick.yaml")
     sub.add_parser("env", help="print versions and devices (for bug reports)")
     return parser
 
@@ -301,9 +303,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .envs.demo import run_demo
 
-    run_demo(args.output_dir, quick=args.quick)
+    run_demo(args.output_dir, config_path=args.config, quick=args.quick)
     return EXIT_OK
 
 

@@ -63,3 +63,38 @@ class LMReplyOracle:
             tok = logp.gather(-1, targets[..., None]).squeeze(-1) * valid
             total = total + tok.sum(-1).view(len(prefixes), n_rep)
         return total.double().numpy()
+
+
+class CachedOracle:
+    """An oracle that remembers ``log P_ref(y | h)`` per ``(task, history)``.
+
+    A DP at another ``beta`` (the reply probabilities do not depend on it), or a rerun that :meth:`load`-ed the
+    values a previous run :meth:`save`-d, queries the wrapped model oracle only for histories it has not seen.
+    """
+
+    def __init__(self, oracle=None, table: dict | None = None):
+        self.oracle, self.table = oracle, dict(table or {})
+        self.n_queried = 0
+
+    def __call__(self, task: Task, histories: Sequence) -> np.ndarray:
+        missing = [h for h in histories if (task, h) not in self.table]
+        if missing:
+            if self.oracle is None:
+                raise KeyError(f"{len(missing)} histories of {task} are not cached and no model oracle is set")
+            self.table.update(((task, h), row) for h, row in zip(missing, self.oracle(task, missing)))
+            self.n_queried += len(missing)
+        return np.stack([self.table[(task, h)] for h in histories]) if histories else np.zeros((0, 0))
+
+    def save(self, path) -> None:
+        """Write the table (a pickle of plain tuples, dataclasses and arrays; only load files you wrote)."""
+        import pickle
+
+        with open(path, "wb") as f:
+            pickle.dump(self.table, f, protocol=pickle.HIGHEST_PROTOCOL)
+
+    @classmethod
+    def load(cls, path, oracle=None) -> "CachedOracle":
+        import pickle
+
+        with open(path, "rb") as f:
+            return cls(oracle, pickle.load(f))

@@ -66,14 +66,16 @@ def episode_ids(codec: ChatCodec, task: Task, replies, states) -> tuple[list[int
 
 
 def sft(model, sequences: list[tuple[list[int], list[int]]], *, steps: int, batch_size: int = 32, lr: float = 3e-3,
-        seed: int = 0, pad_id: int = 0) -> list[float]:
-    """Plain next-token training on the masked tokens; returns the loss per step."""
+        seed: int = 0, pad_id: int = 0, progress: bool = False) -> list[float]:
+    """Plain next-token training on the masked tokens; returns the loss per step (``progress``: a progress bar)."""
+    from tqdm.auto import tqdm
+
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     model.train()
     losses = []
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc="reference SFT", disable=not progress, mininterval=2.0):
         rows = [sequences[i] for i in torch.randint(len(sequences), (batch_size,), generator=gen).tolist()]
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -95,8 +97,9 @@ def sft(model, sequences: list[tuple[list[int], list[int]]], *, steps: int, batc
 def train_reference(output_dir: str | os.PathLike, env: NumberLineEnv | None = None, *, n_demos: int = 3000,
                     steps: int = 300, batch_size: int = 32, lr: float = 3e-3, hidden_size: int = 64,
                     num_layers: int = 2, vocab_size: int = 768, skill: float = 1.0, bias: float = 0.7,
-                    seed: int = 0) -> Path:
-    """Build a tokenizer and a tiny Qwen2, train it on demonstrations, save both to ``output_dir``.
+                    seed: int = 0, progress: bool = False) -> Path:
+    """Build a tokenizer and a tiny Qwen2, train it on demonstrations, save both to ``output_dir``
+    (``progress``: show a progress bar over the SFT steps).
 
     Writes ``demonstrations.json`` (the demonstrator's parameters and the final loss) beside the checkpoint.
     """
@@ -115,7 +118,7 @@ def train_reference(output_dir: str | os.PathLike, env: NumberLineEnv | None = N
     demo, rng, tasks = NoisyDemonstrator(env, skill, bias), random.Random(seed), env.tasks()
     data = [episode_ids(codec, task, *demo.episode(task, rng)) for task in (rng.choice(tasks) for _ in range(n_demos))]
     losses = sft(model, data, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
-                 pad_id=tokenizer.pad_token_id or 0)
+                 pad_id=tokenizer.pad_token_id or 0, progress=progress)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     info = {"skill": skill, "bias": bias, "bias_action": "left", "n_demos": n_demos, "steps": steps,

@@ -1,0 +1,283 @@
+"""``progadv demo``: progress advantage against the EXACT optimal advantage, on an agent task trained with TRL's GRPO.
+
+Phases (each prints a line; the long ones show progress):
+
+1. the reference: a tiny Qwen2 and its byte-level BPE tokenizer, built here and fine-tuned on imperfect, biased
+   demonstrations of the number-line task (:mod:`~progadv_trl.envs.pretrain`);
+2. the exact DP: ``log P_ref(y | h)`` of every valid reply after every history that can still succeed, then
+   ``A*(h, y) = Q*(h, y) - V*(h)`` of the KL-regularised optimum per beta (:mod:`~progadv_trl.envs.exact`);
+3. GRPO with ``beta > 0`` from the reference (TRL, ``rollout_func``) WITH
+   :class:`~progadv_trl.ProgressAdvantageCallback` attached: it scores a fixed held-out set (episodes the reference
+   sampled before training, labelled with the exact values) every ``eval_steps`` and exports the scorer; the policy
+   is saved at the configured checkpoints;
+4. the same with ``beta = 0`` and ``loss_type="dapo"`` (TRL's default), read with beta = 1;
+5. every checkpoint samples fresh episodes (fixed seed, groups of 8 per task), labelled with the exact ``A*``; the
+   final policy's are scored by the EXPORTED scorer (``progadv-scorer``) with every baseline;
+6. the report folder (:mod:`~progadv_trl.envs.report`): ``metrics.json``, ``table.md``, ``drift.md`` and plots.
+
+The reference and the reference's reply probabilities are cached under ``<output_dir>/cache/`` by a hash of what
+determines them, so a rerun with the same settings skips phases 1-2; everything else is recomputed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .demo_config import DemoConfig, RunConfig
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+class PhaseClock:
+    """Wall time per phase (seconds), printed as ``[i/n] message (Xs)``."""
+
+    def __init__(self, n_phases: int):
+        self.n, self.i, self.start, self.last, self.seconds = n_phases, 0, time.time(), time.time(), {}
+
+    def done(self, name: str, message: str) -> None:
+        now = time.time()
+        self.i += 1
+        self.seconds[name] = round(now - self.last, 1)
+        self.last = now
+        print(f"[{self.i}/{self.n}] {message} ({self.seconds[name]:.0f}s)", flush=True)
+
+    @property
+    def total(self) -> float:
+        return round(time.time() - self.start, 1)
+
+
+# ---------------------------------------------------------------------------------------------- phases 1-2
+def prepare_reference(cache: Path, env, cfg: DemoConfig) -> Path:
+    """The reference checkpoint folder, trained unless cached under ``cache/reference-<hash>``."""
+    from .pretrain import train_reference
+
+    ref_dir = cache / f"reference-{cfg.reference_key()}"
+    if not (ref_dir / "model.safetensors").exists():
+        tmp = cache / f"{ref_dir.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_reference(tmp, env, seed=cfg.seed, progress=True, **cfg.reference)
+        tmp.rename(ref_dir)
+    return ref_dir
+
+
+class ExactLabels:
+    """Exact solutions of every task at any beta, sharing one cached reply-probability table (the DP's only
+    model queries)."""
+
+    def __init__(self, env, oracle):
+        self.env, self.oracle, self._solvers = env, oracle, {}
+
+    def solver(self, beta: float):
+        from .exact import ExactSolver
+
+        if beta not in self._solvers:
+            self._solvers[beta] = ExactSolver(self.env, self.oracle, beta)
+        return self._solvers[beta]
+
+    def summary(self, beta: float) -> dict:
+        """Mean success over tasks when following ``P_ref``, the KL-optimal ``pi*`` at ``beta``, and the best policy."""
+        import numpy as np
+
+        sols = [self.solver(beta)(t) for t in self.env.tasks()]
+        return {"beta": beta, "n_tasks": len(sols),
+                "success_reference": float(np.mean([s.success_reference for s in sols])),
+                "success_kl_optimal": float(np.mean([s.success_soft for s in sols])),
+                "success_optimal": float(np.mean([s.success_optimal for s in sols]))}
+
+
+def prepare_exact(cache: Path, env, ref_dir: Path, cfg: DemoConfig) -> ExactLabels:
+    """Solve every task at every run's ``exact_beta``; reply probabilities cached in ``cache/oracle-<hash>.pkl``."""
+    from tqdm.auto import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .codec import ChatCodec
+    from .oracle import CachedOracle, LMReplyOracle
+
+    path = cache / f"oracle-{cfg.oracle_key()}.pkl"
+    tok = AutoTokenizer.from_pretrained(str(ref_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(ref_dir)).eval()
+    lm = LMReplyOracle(model, ChatCodec(tok, env), cfg.temperature)
+    oracle = CachedOracle.load(path, lm) if path.exists() else CachedOracle(lm)
+    labels = ExactLabels(env, oracle)
+    for beta in sorted({r.exact_beta for r in cfg.runs}):
+        solver = labels.solver(beta)
+        for task in tqdm(env.tasks(), desc=f"exact DP (beta={beta})", mininterval=2.0,
+                         disable=oracle.n_queried == 0 and path.exists()):
+            solver(task)
+    if oracle.n_queried:
+        oracle.save(path)
+    return labels
+
+
+# ---------------------------------------------------------------------------------------------- phases 3-4
+def _callbacks():
+    """Two small ``TrainerCallback`` classes, defined lazily so that importing this module does not import TRL."""
+    from transformers import TrainerCallback
+
+    class PolicySnapshots(TrainerCallback):
+        """Save the policy (and tokenizer) to ``<folder>/step-<n>`` after the listed optimizer steps."""
+
+        def __init__(self, folder: Path, steps):
+            self.folder, self.steps = Path(folder), set(steps)
+
+        def on_step_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+            if state.global_step in self.steps and state.is_world_process_zero:
+                target = self.folder / f"step-{state.global_step}"
+                getattr(model, "module", model).save_pretrained(str(target))
+                processing_class.save_pretrained(str(target))
+
+    class ProgressLine(TrainerCallback):
+        """One printed line per progress-advantage evaluation: train reward, TRL's KL, the callback's AUROC."""
+
+        def __init__(self, name: str, every: int):
+            self.name, self.every, self.t0 = name, every, time.time()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            step = state.global_step
+            if not logs or "loss" not in logs or (step % self.every and step < state.max_steps):
+                return
+            kl = f" kl {logs['kl']:.4f}" if "kl" in logs else ""
+            auroc = logs.get("progadv/auroc")
+            print(f"      {self.name} step {step}/{state.max_steps}: reward {logs.get('reward', float('nan')):.3f}"
+                  f"{kl}, progadv AUROC on held-out {auroc if auroc is None else round(auroc, 3)} "
+                  f"({time.time() - self.t0:.0f}s)", flush=True)
+
+    return PolicySnapshots, ProgressLine
+
+
+def train_run(run: RunConfig, ref_dir: Path, run_dir: Path, env, heldout, cfg: DemoConfig):
+    """GRPO from the reference with the progress-advantage callback; returns the trainer.
+
+    Writes ``run_dir/progadv-history.jsonl``, ``run_dir/progadv-scorer`` and ``run_dir/checkpoints/step-<n>``.
+    """
+    from ..callback import ProgressAdvantageCallback
+    from ..config import ProgressAdvantageConfig
+    from .training import train_grpo
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    trainer = train_grpo(ref_dir, run_dir, env=env, beta=run.beta, loss_type=run.loss_type, max_steps=run.steps,
+                         learning_rate=run.learning_rate, num_generations=run.num_generations,
+                         prompts_per_step=run.prompts_per_step, temperature=cfg.temperature, seed=cfg.seed,
+                         train=False)
+    snapshots, progress = _callbacks()
+    trainer.add_callback(ProgressAdvantageCallback(trainer=trainer, config=ProgressAdvantageConfig(
+        heldout=heldout, eval_steps=run.eval_steps, baselines=["all"])))
+    trainer.add_callback(snapshots(run_dir / "checkpoints", run.checkpoints))
+    trainer.add_callback(progress(run.name, run.eval_steps))
+    trainer.train()
+    return trainer
+
+
+def read_history(run_dir: Path) -> list[dict]:
+    """The callback's evaluations (``progadv-history.jsonl``), one dict per evaluation."""
+    import json
+
+    path = run_dir / "progadv-history.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------- phase 5
+def evaluate_policy(scorer, env, solver, cfg: DemoConfig):
+    """Fresh episodes of the scorer's policy (seed ``cfg.seed + 20000``), labelled exactly and scored.
+
+    Returns ``(episodes, results, evaluation)`` (see :func:`~progadv_trl.envs.evaluation.evaluate_episodes`).
+    """
+    from .evaluation import evaluate_episodes
+    from .sampling import sample_episodes
+
+    episodes = sample_episodes(scorer.policy.model, scorer.tokenizer, env, cfg.eval_episodes, cfg.temperature,
+                               seed=cfg.seed + 20_000, solver=solver, group_size=cfg.group_size)
+    results = scorer.score(episodes)
+    return episodes, results, evaluate_episodes(episodes, results)
+
+
+def evaluate_run(run: RunConfig, run_dir: Path, ref_dir: Path, env, labels: ExactLabels, cfg: DemoConfig) -> dict:
+    """Every checkpoint of a run on its own episodes; the last one through the exported scorer.
+
+    Returns ``{"checkpoints": [{"step", **evaluation}], "final": evaluation, "episodes", "results"}`` (the final
+    policy's episodes and scores, for the plots).
+    """
+    from ..scorer import ProgressAdvantageScorer
+
+    solver = labels.solver(run.exact_beta)
+    out: dict = {"checkpoints": []}
+    for step in run.checkpoints:
+        if step == run.steps:
+            scorer = ProgressAdvantageScorer.from_pretrained(run_dir / "progadv-scorer")
+        else:
+            scorer = ProgressAdvantageScorer.from_models(
+                run_dir / "checkpoints" / f"step-{step}", ref_dir, beta=run.score_beta, temperature=cfg.temperature,
+                token_agg="sum", baselines=["all"])
+        episodes, results, evaluation = evaluate_policy(scorer, env, solver, cfg)
+        out["checkpoints"].append({"step": step, **evaluation})
+    out.update(final=evaluation, episodes=episodes, results=results)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the demo
+def load_config(config_path: str | os.PathLike | None = None, quick: bool = False) -> DemoConfig:
+    """``config_path`` when given, else the built-in default (``quick``: the ``--quick`` settings)."""
+    if config_path is not None:
+        return DemoConfig.from_yaml(config_path)
+    return DemoConfig.quick() if quick else DemoConfig()
+
+
+def run_demo(output_dir: str | os.PathLike = "progadv-demo", *, config_path: str | os.PathLike | None = None,
+             quick: bool = False, config: DemoConfig | None = None) -> dict:
+    """Run every phase (see the module docstring) and write the report to ``<output_dir>/report``.
+
+    Returns the content of ``metrics.json``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .number_line import NumberLineEnv
+    from .report import write_report
+    from .sampling import sample_episodes
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    cfg = config or load_config(config_path, quick)
+    out, n_phases = Path(output_dir), 2 + 2 * len(cfg.runs) + 1
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    env, clock = NumberLineEnv(**cfg.env), PhaseClock(n_phases)
+
+    ref_dir = prepare_reference(cache, env, cfg)
+    clock.done("reference", f"reference: tiny Qwen2 fine-tuned on noisy demonstrations -> {ref_dir}")
+    labels = prepare_exact(cache, env, ref_dir, cfg)
+    exact = {r.name: labels.summary(r.exact_beta) for r in cfg.runs}
+    s = next(iter(exact.values()))
+    clock.done("exact_dp", f"exact DP over {len(labels.oracle.table)} histories of {s['n_tasks']} tasks; mean "
+                           f"success: reference {s['success_reference']:.3f}, KL-optimal (beta={s['beta']}) "
+                           f"{s['success_kl_optimal']:.3f}, optimal {s['success_optimal']:.3f}")
+
+    reference = AutoModelForCausalLM.from_pretrained(str(ref_dir)).eval()
+    tok = AutoTokenizer.from_pretrained(str(ref_dir))
+    runs = {}
+    for run in cfg.runs:
+        heldout = sample_episodes(reference, tok, env, cfg.callback_episodes, cfg.temperature,
+                                  seed=cfg.seed + 10_000, solver=labels.solver(run.exact_beta),
+                                  group_size=cfg.group_size)
+        trainer = train_run(run, ref_dir, out / run.name, env, heldout, cfg)
+        runs[run.name] = {"train_log": [r for r in trainer.state.log_history if "loss" in r],
+                          "history": read_history(out / run.name)}
+        clock.done(f"train_{run.name}", f"GRPO {run.name} (beta={run.beta}, loss={run.loss_type}): {run.steps} "
+                                        f"steps, callback history {out / run.name / 'progadv-history.jsonl'}")
+    for run in cfg.runs:
+        runs[run.name].update(evaluate_run(run, out / run.name, ref_dir, env, labels, cfg))
+        final = runs[run.name]["final"]
+        clock.done(f"evaluate_{run.name}", f"{run.name}: {len(run.checkpoints)} checkpoints x "
+                                           f"{cfg.eval_episodes} fresh episodes; final success "
+                                           f"{final['success']:.3f}, KL/episode {final['kl_per_episode']:.3f}")
+    report = write_report(out / "report", cfg, runs, exact, clock)
+    clock.done("report", f"report -> {out / 'report'}")
+    print()
+    print(report["text"])
+    print(f"\nreport: {out / 'report'} (metrics.json, table.md, drift.md, *.png); total {clock.total:.0f}s")
+    return report["metrics"]

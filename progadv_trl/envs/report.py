@@ -1,0 +1,210 @@
+"""The demo's report folder: ``metrics.json``, ``table.md``, ``drift.md``, ``signal_vs_step.png``,
+``advantages_vs_exact.png``.
+
+``runs`` maps a run name to ``{"history": callback history rows, "checkpoints": [{"step", **evaluation}], "final":
+evaluation, "episodes", "results", "train_log"}`` (see :func:`~progadv_trl.envs.demo.evaluate_run` and
+:func:`~progadv_trl.envs.evaluation.evaluate_episodes`). Plots need matplotlib (the ``plots`` extra); without it they
+are skipped with a note.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from ..results import METHOD
+from .evaluation import EXACT, ORACLE, best_baseline, step_arrays
+
+COLUMNS = (("spearman_exact", "Spearman A*"), ("spearman_exact_live", "Spearman A* (live)"),
+           ("spearman_unregularised", "Spearman S*-gap"), ("auroc", "AUROC"), ("best_of_n", "best-of-8"),
+           ("mean_success", "pass@1"), ("oracle", "pass@8"), ("attribution_accuracy", "attr. acc."),
+           ("attribution_mae", "attr. MAE"))
+LABELS = {METHOD: "**progress advantage**", EXACT: "exact A* (ceiling)",
+          ORACLE: "S*(s,a) - S*(s) (oracle, unregularised)"}
+
+
+def _cell(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
+
+
+def markdown_table(table: dict) -> str:
+    """One row per method (progress advantage first, ceilings last), the :data:`COLUMNS`."""
+    order = [METHOD, *[m for m in table if m not in (METHOD, EXACT, ORACLE)], EXACT, ORACLE]
+    lines = ["| method | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for m in order:
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(_cell(table[m].get(c)) for c, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def run_header(run, ev: dict, temperature: float) -> str:
+    return (f"### {run.name}: beta={run.beta}, loss_type={run.loss_type}, {run.steps} GRPO steps\n\n"
+            f"Scored with beta={run.score_beta} at T={temperature}; exact A* at beta={run.exact_beta}. "
+            f"{ev['n_episodes']} episodes sampled from the final policy (groups of 8), success {ev['success']:.3f}, "
+            f"{ev['n_steps']} steps ({ev['n_live_steps']} live: success still possible, valid reply), "
+            f"{ev['n_failed']} failed, {ev['n_attribution_labelled']} with a labelled decisive mistake; "
+            f"KL(policy || reference) {ev['kl_per_episode']:.3f} nats per episode.")
+
+
+def target_checks(table: dict) -> list[dict]:
+    """The issue's targets on one table: ``[{"target", "value", "met"}]``."""
+    pa = table[METHOD]
+    name_bo, bo = best_baseline(table, "best_of_n")
+    name_au, au = best_baseline(table, "auroc")
+    name_at, at = best_baseline(table, "attribution_accuracy")
+    checks = [
+        ("Spearman(PA, A*) >= 0.6", pa["spearman_exact"], pa["spearman_exact"] >= 0.6),
+        (f"best-of-8 >= best baseline ({name_bo} {bo:.3f}) + 0.05", pa["best_of_n"], pa["best_of_n"] >= bo + 0.05),
+        (f"best-of-8 >= 0.8 x pass@8 ({0.8 * pa['oracle']:.3f})", pa["best_of_n"],
+         pa["best_of_n"] >= 0.8 * pa["oracle"]),
+        ("AUROC >= 0.85", pa["auroc"], pa["auroc"] >= 0.85),
+        (f"AUROC > every baseline (best {name_au} {au:.3f})", pa["auroc"], pa["auroc"] > au),
+        (f"attribution accuracy >= 2 x best baseline ({name_at} {at:.3f})", pa["attribution_accuracy"],
+         pa["attribution_accuracy"] >= 2 * at),
+    ]
+    return [{"target": t, "value": float(v), "met": bool(ok)} for t, v, ok in checks]
+
+
+def _history_at(history: list[dict], step: int) -> dict:
+    """The callback's evaluation at ``step`` (else the latest one before it)."""
+    rows = [h for h in history if h["step"] <= step]
+    return rows[-1] if rows else {}
+
+
+def drift_table(cfg, runs: dict) -> str:
+    """Metrics at every checkpoint against the KL from the reference."""
+    head = ("| run | step | KL/token (callback set) | weight drift | AUROC (callback set) | success | KL/episode | "
+            "Spearman A* | Spearman S*-gap | AUROC | best-of-8 | best baseline best-of-8 | attr. acc. |")
+    lines = [head, "|---|---:|" + "---:|" * 11]
+    for run in cfg.runs:
+        for ck in runs[run.name]["checkpoints"]:
+            h, t = _history_at(runs[run.name]["history"], ck["step"]), ck["table"]
+            name, bb = best_baseline(t, "best_of_n")
+            cells = [h.get("progadv/kl/mean"), h.get("progadv/weight_drift"), h.get("progadv/auroc"), ck["success"],
+                     ck["kl_per_episode"], t[METHOD]["spearman_exact"], t[METHOD]["spearman_unregularised"],
+                     t[METHOD]["auroc"], t[METHOD]["best_of_n"], bb, t[METHOD]["attribution_accuracy"]]
+            row = [_cell(c) for c in cells]
+            row[9] = f"{row[9]} ({name})"
+            lines.append(f"| {run.name} | {ck['step']} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _plot_signal(path: Path, cfg, runs: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.4))
+    for k, run in enumerate(cfg.runs):
+        color, r = f"C{k}", runs[run.name]
+        hist = r["history"]
+        steps = [h["step"] for h in hist]
+        ck = r["checkpoints"]
+        ax[0].plot(steps, [h.get("progadv/auroc") for h in hist], "-", color=color,
+                   label=f"{run.name}: callback (reference episodes)")
+        ax[0].plot([c["step"] for c in ck], [c["table"][METHOD]["auroc"] for c in ck], "o--", color=color,
+                   label=f"{run.name}: own episodes")
+        ax[1].plot([c["step"] for c in ck], [c["table"][METHOD]["spearman_exact"] for c in ck], "o-", color=color,
+                   label=f"{run.name}: vs A* (beta={run.exact_beta})")
+        ax[1].plot([c["step"] for c in ck], [c["table"][METHOD]["spearman_unregularised"] for c in ck], "s:",
+                   color=color, label=f"{run.name}: vs S*-gap")
+        ax[2].plot(steps, [h.get("progadv/kl/mean") for h in hist], "-", color=color, label=run.name)
+    ax[0].set(title="success-prediction AUROC", xlabel="GRPO step")
+    ax[1].set(title="per-step Spearman (own episodes)", xlabel="GRPO step")
+    ax[2].set(title="KL(policy || ref) per token (callback set)", xlabel="GRPO step")
+    for a in ax:
+        a.grid(alpha=0.3)
+        a.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _plot_advantages(path: Path, cfg, run, r: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    episodes, results = r["episodes"], r["results"]
+    steps = step_arrays(episodes, results)
+    fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+    live = steps["live"]
+    ax[0].scatter(steps["exact"][live], steps[METHOD][live], s=6, alpha=0.4, label="live steps")
+    ax[0].scatter(steps["exact"][~live], steps[METHOD][~live], s=6, alpha=0.4, color="gray",
+                  label="success impossible / invalid reply")
+    lo, hi = np.nanmin(steps["exact"]), np.nanmax(steps["exact"])
+    ax[0].plot([lo, hi], [lo, hi], "k:", lw=1, label="y = x")
+    ax[0].set(title=f"{run.name}: per-step advantage", xlabel=f"exact A* (beta={run.exact_beta})",
+              ylabel=f"progress advantage (beta={run.score_beta})")
+    ax[0].legend(fontsize=7)
+    picked = [i for i, t in enumerate(episodes) if t.mistake_step is not None][: cfg.plot_episodes]
+    from .evaluation import action_index
+
+    for k, i in enumerate(picked):
+        t, res = episodes[i], results[i]
+        turns = np.arange(len(t.metadata["exact_advantage"]))
+        pa = [res.action_values[METHOD][j] for j in action_index(t, res)]
+        ax[1].plot(turns, pa, "o-", color=f"C{k}", label=f"episode {t.id}: PA")
+        ax[1].plot(turns, t.metadata["exact_advantage"], "x--", color=f"C{k}", label="exact A*")
+        m = (t.mistake_step - 2) // 2
+        ax[1].axvline(m + 0.04 * k, color=f"C{k}", alpha=0.3)
+    ax[1].set(title="failed episodes (vertical line: labelled mistake)", xlabel="turn", ylabel="advantage")
+    ax[1].legend(fontsize=6, ncol=2)
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_plots(report_dir: Path, cfg, runs: dict) -> list[str]:
+    """The two PNGs (the advantage plot shows the first run with beta > 0); returns their names, or a note."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return ["(plots skipped: pip install matplotlib)"]
+    _plot_signal(report_dir / "signal_vs_step.png", cfg, runs)
+    main = next((r for r in cfg.runs if r.beta > 0), cfg.runs[0])
+    _plot_advantages(report_dir / "advantages_vs_exact.png", cfg, main, runs[main.name])
+    return ["signal_vs_step.png", "advantages_vs_exact.png"]
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_report(report_dir: Path, cfg, runs: dict, exact: dict, clock) -> dict:
+    """Write every report file; returns ``{"metrics": metrics.json content, "text": the printed tables}``."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    sections, metrics = [], {"config": cfg.to_dict(), "exact": exact, "runs": {}}
+    for run in cfg.runs:
+        r = runs[run.name]
+        ev = r["final"]
+        checks = target_checks(ev["table"])
+        metrics["runs"][run.name] = {
+            "beta": run.beta, "loss_type": run.loss_type, "score_beta": run.score_beta, "exact_beta": run.exact_beta,
+            "final": ev, "targets": checks,
+            "checkpoints": r["checkpoints"], "callback_history": r["history"],
+            "train_reward_first_last10": [r["train_log"][0].get("reward"),
+                                          float(np.mean([x.get("reward", np.nan) for x in r["train_log"][-10:]]))]}
+        lines = [f"- {'met' if c['met'] else 'MISSED'}: {c['target']}: {c['value']:.3f}" for c in checks]
+        sections.append(run_header(run, ev, cfg.temperature) + "\n\n" + markdown_table(ev["table"])
+                        + "\n\nTargets:\n" + "\n".join(lines))
+    text = "\n\n".join(sections)
+    drift = drift_table(cfg, runs)
+    (report_dir / "table.md").write_text(text + "\n", encoding="utf-8")
+    (report_dir / "drift.md").write_text(drift + "\n", encoding="utf-8")
+    metrics["plots"] = write_plots(report_dir, cfg, runs)
+    metrics["seconds"] = {**clock.seconds, "total": clock.total}
+    (report_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1), encoding="utf-8")
+    return {"metrics": metrics, "text": text + "\n\nMetrics against training step (checkpoints):\n\n" + drift}
