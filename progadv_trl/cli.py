@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from .data import ProgadvDataError
+from .data import ProgadvDataError, json_ready
 
 EXIT_OK, EXIT_DATA, EXIT_USAGE = 0, 1, 2
 
@@ -31,16 +30,7 @@ def _json_default(o: Any):
 
 
 def _dumps(obj: Any) -> str:
-    def clean(x):
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    return json.dumps(clean(obj), ensure_ascii=False, default=_json_default)
+    return json.dumps(json_ready(obj), ensure_ascii=False, default=_json_default)
 
 
 # ---------------------------------------------------------------------------------------------------- arguments

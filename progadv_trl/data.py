@@ -15,6 +15,17 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 ACTION_ROLE = "assistant"
 
 
+def json_ready(x: Any) -> Any:
+    """``x`` with NaN and infinities replaced by ``None`` (strict JSON), through dicts, lists and tuples."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_ready(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v) for v in x]
+    return x
+
+
 class ProgadvDataError(ValueError):
     """Bad input data. The message names the source (file), the record (line or id) and the field."""
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data import json_ready
 from ..results import METHOD
 from .evaluation import EXACT, ORACLE, best_baseline, step_arrays
 
@@ -173,16 +174,6 @@ def write_plots(report_dir: Path, cfg, runs: dict) -> list[str]:
     return ["signal_vs_step.png", "advantages_vs_exact.png"]
 
 
-def _jsonable(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
 def write_report(report_dir: Path, cfg, runs: dict, exact: dict, clock) -> dict:
     """Write every report file; returns ``{"metrics": metrics.json content, "text": the printed tables}``."""
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -206,5 +197,5 @@ def write_report(report_dir: Path, cfg, runs: dict, exact: dict, clock) -> dict:
     (report_dir / "drift.md").write_text(drift + "\n", encoding="utf-8")
     metrics["plots"] = write_plots(report_dir, cfg, runs)
     metrics["seconds"] = {**clock.seconds, "total": clock.total}
-    (report_dir / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=1), encoding="utf-8")
+    (report_dir / "metrics.json").write_text(json.dumps(json_ready(metrics), indent=1), encoding="utf-8")
     return {"metrics": metrics, "text": text + "\n\nMetrics against training step (checkpoints):\n\n" + drift}
