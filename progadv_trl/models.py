@@ -42,10 +42,16 @@ def is_peft_model(model) -> bool:
     return isinstance(model, PeftModel)
 
 
-def unwrap(model):
-    """The ``PreTrainedModel`` inside DDP/accelerate/PEFT wrappers."""
+def strip_wrappers(model):
+    """The module inside DDP/accelerate/DeepSpeed wrappers (a ``PeftModel`` stays a ``PeftModel``)."""
     while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
         model = model.module
+    return model
+
+
+def unwrap(model):
+    """The ``PreTrainedModel`` inside DDP/accelerate/PEFT wrappers."""
+    model = strip_wrappers(model)
     if is_peft_model(model):
         model = model.get_base_model()
     return model
@@ -74,14 +80,14 @@ class ModelView:
     """
 
     def __init__(self, model, adapter: str | None = None):
-        if adapter is not None and not is_peft_model(_strip_wrappers(model)):
+        if adapter is not None and not is_peft_model(strip_wrappers(model)):
             raise ValueError(f"adapter={adapter!r} needs a PEFT model, got {type(model).__name__}")
         self.model = model
         self.adapter = adapter
 
     @contextlib.contextmanager
     def active(self):
-        peft_model = _strip_wrappers(self.model)
+        peft_model = strip_wrappers(self.model)
         if self.adapter is None:
             yield
         elif self.adapter == "off":
@@ -129,12 +135,6 @@ def _with_shared_prefix(decoder, input_ids, attention_mask, p: int) -> torch.Ten
     name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
     suffix = decoder(input_ids=input_ids[:, p:], attention_mask=mask, use_cache=True, **{name: cache})
     return torch.cat([prefix.last_hidden_state.expand(rows, -1, -1), suffix.last_hidden_state], 1)
-
-
-def _strip_wrappers(model):
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
-        model = model.module
-    return model
 
 
 def is_adapter_dir(path: str | os.PathLike) -> bool:

@@ -23,17 +23,11 @@ from pathlib import Path
 import torch
 
 from .drift import weight_drift
-from .models import ModelView, is_peft_model, load_causal_lm, unwrap
+from .models import ModelView, is_peft_model, load_causal_lm, strip_wrappers, unwrap
 
 logger = logging.getLogger(__name__)
 SNAPSHOT_DIR = "progadv-reference"
 REF_ADAPTER = "progadv_ref"
-
-
-def _strip(model):
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
-        model = model.module
-    return model
 
 
 def _lora_b_nonzero(peft_model, adapter: str = "default") -> bool:
@@ -57,7 +51,7 @@ class Reference:
     @torch.no_grad()
     def weight_drift(self, policy) -> float:
         """``||theta - theta_ref|| / ||theta_ref||``; for adapters, the adapters' weight deltas over the base."""
-        model = _strip(policy)
+        model = strip_wrappers(policy)
         if self.kind in ("adapters_off", "ref_adapter", REF_ADAPTER):
             ref_adapter = {"adapters_off": None, "ref_adapter": "ref", REF_ADAPTER: REF_ADAPTER}[self.kind]
             active = model.active_adapter
@@ -114,7 +108,7 @@ def load_snapshot(path: str | Path, placement: str, device) -> Reference:
 
 def resolve_reference(trainer, config, output_dir: str | Path, resumed_state: dict | None = None) -> Reference:
     """The reference of ``trainer`` (GRPOTrainer, RLOOTrainer, or anything with ``model``/``ref_model``/``beta``)."""
-    model = _strip(trainer.model)
+    model = strip_wrappers(trainer.model)
     beta = float(getattr(trainer, "beta", getattr(getattr(trainer, "args", None), "beta", 0.0)) or 0.0)
     placement = "device" if config.reference_placement == "auto" else config.reference_placement
     snap_dir = Path(output_dir) / SNAPSHOT_DIR
@@ -138,7 +132,7 @@ def resolve_reference(trainer, config, output_dir: str | Path, resumed_state: di
 
 def _frozen_adapter_copy(peft_model, snap_dir: Path, resumed_state: dict | None) -> Reference:
     """A frozen copy of the initial adapter as a second adapter (TRL adds none when beta is 0)."""
-    model = _strip(peft_model)
+    model = strip_wrappers(peft_model)
     active = model.active_adapter
     saved = snap_dir / REF_ADAPTER
     if REF_ADAPTER not in model.peft_config:

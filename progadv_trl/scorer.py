@@ -22,8 +22,8 @@ from . import __version__
 from .baselines import random_scores
 from .config import CONFIG_VERSION, ProgressAdvantageConfig
 from .data import Trajectory
-from .models import (ModelView, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer, name_or_path, unwrap,
-                     weights_sha256)
+from .models import (ModelView, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer, name_or_path,
+                     strip_wrappers, unwrap, weights_sha256)
 from .rendering import TrajectoryTokenizer, same_tokenization
 from .results import TrajectoryScore, attribute, choose_best_of_n, evaluation_table, score_trajectory
 from .token_statistics import compute_token_stats
@@ -209,7 +209,7 @@ class ProgressAdvantageScorer:
         return target
 
     def _write(self, tmp: Path, reference_mode: str) -> dict:
-        policy_model = unwrap_ddp(self.policy.model)
+        policy_model = strip_wrappers(self.policy.model)
         ref_view = self.reference
         meta: dict[str, Any] = {"config": self.config.to_dict(), "library": "progadv-trl",
                                 "library_version": __version__, "config_version": CONFIG_VERSION,
@@ -316,12 +316,6 @@ _STAT_OF_BASELINE = {"self_certainty": "self_certainty", "neg_entropy": "entropy
 def _policy_stats_for(baselines: Sequence[str]) -> tuple[str, ...]:
     """The policy statistics the requested baselines need, beside the log-prob (a top-k fold costs the most)."""
     return tuple(dict.fromkeys(["logprob", *(_STAT_OF_BASELINE[b] for b in baselines if b in _STAT_OF_BASELINE)]))
-
-
-def unwrap_ddp(model):
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
-        model = model.module
-    return model
 
 
 def _save_plain_base(base, path: Path) -> None:

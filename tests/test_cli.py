@@ -91,10 +91,7 @@ def test_bad_data_exit_1_names_file_line_field(tiny_dir, tmp_path, capsys):
 def test_results_written_before_an_error_stay_valid(tiny_dir, tmp_path):
     from progadv_trl.cli import main as cli_main
 
-    rows = [json.dumps(t.to_dict()) for t in sample_trajectories()]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text("\n".join(rows * 5) .replace('"id": "a"', '"id": "a0"', 1) + "\n{oops\n")
-    # ids must be unique: rebuild with distinct ids
     lines = []
     for i in range(20):
         d = sample_trajectories()[i % 4].to_dict()
