@@ -49,7 +49,14 @@ def qwen3_chat_template() -> str:
 
 def build_tokenizer(save_dir: str | os.PathLike | None = None, *, vocab_size: int = 512,
                     corpus: list[str] | None = None, chat_template: str | None = "qwen3"):
-    """Train a byte-level BPE tokenizer and wrap it as a ``PreTrainedTokenizerFast``.
+    """Train a byte-level BPE tokenizer with Qwen2's pre-tokenizer and wrap it as a ``Qwen2Tokenizer``.
+
+    Why Qwen2's class: ``AutoTokenizer`` in transformers 5 loads any tokenizer saved beside a ``qwen2`` config as
+    ``Qwen2Tokenizer``, which rebuilds its own pre-tokenizer (one digit per token, NFC) from the vocabulary. A
+    generic tokenizer trained with another pre-tokenizer then encodes differently once a model is saved next to
+    it: the demo's reference was trained on one tokenization of its prompts and queried with another. Trained with
+    the same pre-tokenizer and saved as ``Qwen2Tokenizer``, it encodes identically with or without a ``config.json``
+    of either tiny architecture (``tests/test_tiny.py``).
 
     Args:
         save_dir: if given, the tokenizer is saved there (``save_pretrained``).
@@ -57,18 +64,24 @@ def build_tokenizer(save_dir: str | os.PathLike | None = None, *, vocab_size: in
         corpus: training lines (default: :func:`default_corpus`).
         chat_template: ``"qwen3"`` (TRL's copy), a Jinja string, or ``None`` for no template.
     """
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
+    import json
 
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(corpus or default_corpus(), vocab_size=vocab_size, min_frequency=1,
-                            special_tokens=list(SPECIAL_TOKENS), show_progress=False)
-    template = qwen3_chat_template() if chat_template == "qwen3" else chat_template
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=bpe._tokenizer,
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    reference = Qwen2Tokenizer()._tokenizer  # Qwen2's normalizer, pre-tokenizer and decoder, empty vocabulary
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer, bpe.pre_tokenizer, bpe.decoder = reference.normalizer, reference.pre_tokenizer, reference.decoder
+    bpe.train_from_iterator(corpus or default_corpus(), trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=1, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    trained = json.loads(bpe.to_str())["model"]
+    tok = Qwen2Tokenizer(
+        vocab=trained["vocab"], merges=[tuple(m) for m in trained["merges"]],
         bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None,
         additional_special_tokens=list(SPECIAL_TOKENS[1:2] + SPECIAL_TOKENS[3:]),
     )
+    template = qwen3_chat_template() if chat_template == "qwen3" else chat_template
     if template is not None:
         tok.chat_template = template
     if save_dir is not None:

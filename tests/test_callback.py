@@ -16,10 +16,10 @@ from progadv_trl.tiny import build_model, build_tokenizer
 from conftest import sample_trajectories
 
 
-def reward_digits(completions, **kwargs):
-    """1 when the completion holds a digit: about half of a random tiny model's samples."""
+def reward_even_length(completions, **kwargs):
+    """1 when the completion has an even number of characters: about half of a random tiny model's samples."""
     texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-    return [float(any(ch.isdigit() for ch in t)) for t in texts]
+    return [float(len(t) % 2 == 0) for t in texts]
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def assert_exported_equals_last_evaluation(cb, out):
 
 def test_grpo_beta_positive_uses_trl_reference(model_dir, dataset, tmp_path):
     args = GRPOConfig(**grpo_args(tmp_path, beta=0.04, loss_type="grpo"))
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_digits, args=args, train_dataset=dataset)
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset)
     cb = run(trainer)
     assert cb.monitor.reference.kind == "trl_ref_model"
     out = tmp_path / "out"
@@ -80,7 +80,7 @@ def test_grpo_beta_positive_uses_trl_reference(model_dir, dataset, tmp_path):
 
 def test_dapo_beta_zero_snapshot_reference(model_dir, dataset, tmp_path):
     args = GRPOConfig(**grpo_args(tmp_path, beta=0.0, loss_type="dapo"))
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_digits, args=args, train_dataset=dataset)
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset)
     assert trainer.ref_model is None
     cb = run(trainer, reference_placement="cpu")
     out = tmp_path / "out"
@@ -99,7 +99,7 @@ def test_peft_fresh_adapter_uses_adapters_off(model_dir, dataset, tmp_path, beta
     from peft import LoraConfig
 
     args = GRPOConfig(**grpo_args(tmp_path, beta=beta, learning_rate=5e-2))
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_digits, args=args, train_dataset=dataset,
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset,
                           peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     cb = run(trainer)
     assert cb.monitor.reference.kind == "adapters_off" and trainer.ref_model is None
@@ -116,7 +116,7 @@ def test_peft_pretrained_adapter_beta_zero_keeps_initial_adapter(model_dir, data
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     initial = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
     args = GRPOConfig(**grpo_args(tmp_path, beta=0.0, learning_rate=5e-2))
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_digits, args=args, train_dataset=dataset,
+    trainer = GRPOTrainer(model=model, reward_funcs=reward_even_length, args=args, train_dataset=dataset,
                           processing_class=AutoTokenizer.from_pretrained(model_dir))
     cb = run(trainer)
     assert cb.monitor.reference.kind == "progadv_ref"
@@ -131,7 +131,7 @@ def test_peft_pretrained_adapter_beta_zero_keeps_initial_adapter(model_dir, data
 def test_sync_ref_model_keeps_initial_policy_by_default(model_dir, dataset, tmp_path, caplog):
     args = GRPOConfig(**grpo_args(tmp_path, beta=0.04, sync_ref_model=True, ref_model_sync_steps=1,
                                   ref_model_mixup_alpha=0.9))
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_digits, args=args, train_dataset=dataset)
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset)
     with caplog.at_level(logging.WARNING):
         cb = run(trainer)
     assert cb.monitor.reference.kind == "snapshot" and "sync_ref_model" in caplog.text
@@ -139,7 +139,7 @@ def test_sync_ref_model_keeps_initial_policy_by_default(model_dir, dataset, tmp_
 
 def test_rloo(model_dir, dataset, tmp_path):
     args = RLOOConfig(**grpo_args(tmp_path))
-    trainer = RLOOTrainer(model=str(model_dir), reward_funcs=reward_digits, args=args, train_dataset=dataset)
+    trainer = RLOOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset)
     cb = run(trainer)
     assert cb.monitor.reference.kind == ("trl_ref_model" if trainer.beta else "snapshot")
     h = history(tmp_path / "out")
@@ -149,7 +149,7 @@ def test_rloo(model_dir, dataset, tmp_path):
 
 def test_heldout_prompts_sampled_and_labelled_by_trainer_rewards(model_dir, dataset, tmp_path):
     args = GRPOConfig(**grpo_args(tmp_path, beta=0.04, max_steps=2))
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_digits, args=args, train_dataset=dataset)
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset)
     prompts = [{"prompt": [{"role": "user", "content": f"What is {i} times 3?"}]} for i in range(3)]
     cb = ProgressAdvantageCallback(trainer=trainer, config=ProgressAdvantageConfig(heldout_prompts=prompts,
                                                                                    eval_num_generations=4))
@@ -175,7 +175,7 @@ def test_resume_gives_the_same_history(model_dir, dataset, tmp_path):
     def make(out, stop=None):
         args = GRPOConfig(**grpo_args(tmp_path, beta=0.0, output_dir=str(out), save_strategy="steps", save_steps=2,
                                       lr_scheduler_type="constant"))
-        t = GRPOTrainer(model=str(model_dir), reward_funcs=reward_digits, args=args, train_dataset=dataset)
+        t = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset)
         t.add_callback(ProgressAdvantageCallback(trainer=t, config=ProgressAdvantageConfig(
             heldout=sample_trajectories(), export=False)))
         if stop:
@@ -196,7 +196,7 @@ def test_resume_gives_the_same_history(model_dir, dataset, tmp_path):
 
 def test_bad_configuration_fails_before_training(model_dir, dataset, tmp_path):
     args = GRPOConfig(**grpo_args(tmp_path, beta=0.04))
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_digits, args=args, train_dataset=dataset)
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset)
     with pytest.raises(ValueError, match="held-out"):
         ProgressAdvantageCallback(trainer=trainer, config=ProgressAdvantageConfig())
     with pytest.raises(ValueError, match="eval_steps"):
@@ -225,7 +225,7 @@ def test_user_sampler_for_multi_turn_environments(model_dir, dataset, tmp_path):
         return sample_trajectories()
 
     args = GRPOConfig(**grpo_args(tmp_path, beta=0.04, max_steps=2))
-    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_digits, args=args, train_dataset=dataset)
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset)
     cb = ProgressAdvantageCallback(trainer=trainer, config=ProgressAdvantageConfig(), sampler=sampler)
     trainer.add_callback(cb)
     trainer.train()

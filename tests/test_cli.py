@@ -113,7 +113,8 @@ def test_resume_skips_written_ids_and_repairs_partial_line(tiny_dir, data, tmp_p
     assert main(["score", *_models(tiny_dir), "--input", str(data), "--output", str(out), "--resume"]) == 0
     again = out.read_text().splitlines()
     assert [json.loads(x)["id"] for x in again] == ["a", "b", "c", "d"]
-    assert [json.loads(x)["score"] for x in again] == pytest.approx([json.loads(x)["score"] for x in full])
+    scores = [json.loads(x)["score"] for x in full]
+    assert [json.loads(x)["score"] for x in again] == pytest.approx(scores, abs=1e-5)  # other batches: 1e-5
 
 
 def test_bad_usage_exit_2(tiny_dir, data, tmp_path, capsys):

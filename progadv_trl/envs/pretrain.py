@@ -97,11 +97,14 @@ def sft(model, sequences: list[tuple[list[int], list[int]]], *, steps: int, batc
 def train_reference(output_dir: str | os.PathLike, env: NumberLineEnv | None = None, *, n_demos: int = 3000,
                     steps: int = 300, batch_size: int = 32, lr: float = 3e-3, hidden_size: int = 64,
                     num_layers: int = 2, vocab_size: int = 768, skill: float = 1.0, bias: float = 0.7,
-                    seed: int = 0, progress: bool = False) -> Path:
+                    init_std: float = 0.1, seed: int = 0, progress: bool = False) -> Path:
     """Build a tokenizer and a tiny Qwen2, train it on demonstrations, save both to ``output_dir``
     (``progress``: show a progress bar over the SFT steps).
 
-    Writes ``demonstrations.json`` (the demonstrator's parameters and the final loss) beside the checkpoint.
+    ``init_std`` is the weights' initial standard deviation (``initializer_range``). With transformers' default 0.02
+    the 64-wide model sat on a plateau for 900 SFT steps (lr 3e-3 and 1e-2): it learned the replies' marginal
+    frequencies and gave the same reply distribution in every state. With 0.1 it reads the state within 300 steps
+    and its ``P(right | s)`` is within 0.03 of the demonstrator's at the start states after 900.
     """
     from transformers import AutoTokenizer
 
@@ -113,7 +116,8 @@ def train_reference(output_dir: str | os.PathLike, env: NumberLineEnv | None = N
     torch.manual_seed(seed)
     build_tokenizer(out, vocab_size=vocab_size, corpus=default_corpus() + env.corpus() * 4)
     tokenizer = AutoTokenizer.from_pretrained(str(out))  # the class every later user will get
-    model = build_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+    model = build_model(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed,
+                        initializer_range=init_std)
     codec = ChatCodec(tokenizer, env)
     demo, rng, tasks = NoisyDemonstrator(env, skill, bias), random.Random(seed), env.tasks()
     data = [episode_ids(codec, task, *demo.episode(task, rng)) for task in (rng.choice(tasks) for _ in range(n_demos))]
@@ -121,7 +125,7 @@ def train_reference(output_dir: str | os.PathLike, env: NumberLineEnv | None = N
                  pad_id=tokenizer.pad_token_id or 0, progress=progress)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    info = {"skill": skill, "bias": bias, "bias_action": "left", "n_demos": n_demos, "steps": steps,
+    info = {"skill": skill, "bias": bias, "bias_action": "left", "n_demos": n_demos, "steps": steps, "init_std": init_std,
             "final_loss": float(np.mean(losses[-20:])), "env": env.config()}
     (out / "demonstrations.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return out

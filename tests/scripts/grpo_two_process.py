@@ -15,8 +15,8 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from progadv_trl import ProgressAdvantageCallback, ProgressAdvantageConfig  # noqa: E402
 
 
-def reward_digits(completions, **kwargs):
-    return [float(any(ch.isdigit() for ch in c[0]["content"])) for c in completions]
+def reward_even_length(completions, **kwargs):
+    return [float(len(c[0]["content"]) % 2 == 0) for c in completions]
 
 
 def main(model_dir, output_dir, heldout):
@@ -24,7 +24,7 @@ def main(model_dir, output_dir, heldout):
     args = GRPOConfig(output_dir=output_dir, per_device_train_batch_size=4, num_generations=4,
                       max_completion_length=8, max_steps=2, logging_steps=1, use_cpu=True, bf16=False,
                       report_to="none", save_strategy="no", learning_rate=5e-3, seed=0, beta=0.04)
-    trainer = GRPOTrainer(model=model_dir, reward_funcs=reward_digits, args=args, train_dataset=ds)
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=reward_even_length, args=args, train_dataset=ds)
     trainer.add_callback(ProgressAdvantageCallback(trainer=trainer, config=ProgressAdvantageConfig(
         heldout=heldout, log_baselines=False)))
     trainer.train()
