@@ -181,16 +181,18 @@ def read_history(run_dir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- phase 5
-def evaluate_policy(scorer, env, solver, cfg: DemoConfig):
-    """Fresh episodes of the scorer's policy (seed ``cfg.seed + 20000``), labelled exactly and scored.
+def evaluate_policy(scorer, env, solver, cfg: DemoConfig, sampler=None, seed: int | None = None):
+    """Fresh episodes of ``sampler`` (default: the scorer's policy; seed ``cfg.seed + 20000``), labelled exactly and
+    scored by ``scorer``.
 
     Returns ``(episodes, results, evaluation)`` (see :func:`~progadv_trl.envs.evaluation.evaluate_episodes`).
     """
     from .evaluation import evaluate_episodes
     from .sampling import sample_episodes
 
-    episodes = sample_episodes(scorer.policy.model, scorer.tokenizer, env, cfg.eval_episodes, cfg.temperature,
-                               seed=cfg.seed + 20_000, solver=solver, group_size=cfg.group_size)
+    episodes = sample_episodes(scorer.policy.model if sampler is None else sampler, scorer.tokenizer, env,
+                               cfg.eval_episodes, cfg.temperature, seed=cfg.seed + 20_000 if seed is None else seed,
+                               solver=solver, group_size=cfg.group_size)
     results = scorer.score(episodes)
     return episodes, results, evaluate_episodes(episodes, results)
 
@@ -198,9 +200,15 @@ def evaluate_policy(scorer, env, solver, cfg: DemoConfig):
 def evaluate_run(run: RunConfig, run_dir: Path, ref_dir: Path, env, labels: ExactLabels, cfg: DemoConfig) -> dict:
     """Every checkpoint of a run on its own episodes; the last one through the exported scorer.
 
-    Returns ``{"checkpoints": [{"step", **evaluation}], "final": evaluation, "episodes", "results"}`` (the final
-    policy's episodes and scores, for the plots).
+    The final scorer also scores fresh episodes sampled from the reference (seed ``cfg.seed + 30000``): a policy
+    near the KL optimum rarely makes a decisive mistake, so its own failures are mostly slips (luck), while the
+    reference's episodes hold many mistakes.
+
+    Returns ``{"checkpoints": [{"step", **evaluation}], "final": evaluation, "final_on_reference": evaluation,
+    "episodes", "results"}`` (the final policy's episodes and scores, for the plots).
     """
+    from transformers import AutoModelForCausalLM
+
     from ..scorer import ProgressAdvantageScorer
 
     solver = labels.solver(run.exact_beta)
@@ -215,6 +223,8 @@ def evaluate_run(run: RunConfig, run_dir: Path, ref_dir: Path, env, labels: Exac
         episodes, results, evaluation = evaluate_policy(scorer, env, solver, cfg)
         out["checkpoints"].append({"step": step, **evaluation})
     out.update(final=evaluation, episodes=episodes, results=results)
+    reference = AutoModelForCausalLM.from_pretrained(str(ref_dir)).eval()
+    out["final_on_reference"] = evaluate_policy(scorer, env, solver, cfg, sampler=reference, seed=cfg.seed + 30_000)[2]
     return out
 
 

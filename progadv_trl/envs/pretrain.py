@@ -125,7 +125,8 @@ def train_reference(output_dir: str | os.PathLike, env: NumberLineEnv | None = N
                  pad_id=tokenizer.pad_token_id or 0, progress=progress)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    info = {"skill": skill, "bias": bias, "bias_action": "left", "n_demos": n_demos, "steps": steps, "init_std": init_std,
+    info = {"skill": skill, "bias": bias, "bias_action": "left", "n_demos": n_demos, "steps": steps,
+            "init_std": init_std,
             "final_loss": float(np.mean(losses[-20:])), "env": env.config()}
     (out / "demonstrations.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
     return out

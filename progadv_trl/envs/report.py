@@ -40,13 +40,15 @@ def markdown_table(table: dict) -> str:
     return "\n".join(lines)
 
 
-def run_header(run, ev: dict, temperature: float) -> str:
-    return (f"### {run.name}: beta={run.beta}, loss_type={run.loss_type}, {run.steps} GRPO steps\n\n"
-            f"Scored with beta={run.score_beta} at T={temperature}; exact A* at beta={run.exact_beta}. "
-            f"{ev['n_episodes']} episodes sampled from the final policy (groups of 8), success {ev['success']:.3f}, "
+def run_header(run, ev: dict, temperature: float, sampled_from: str = "the final policy") -> str:
+    if sampled_from == "the final policy":
+        kl = f"KL(policy || reference) {ev['kl_per_episode']:.3f} nats per episode"
+    else:  # the same estimator on another sampler's episodes: minus an estimate of KL(sampler || policy) there
+        kl = f"mean log(policy / reference) {ev['kl_per_episode']:.3f} nats per episode"
+    return (f"Scored with beta={run.score_beta} at T={temperature}; exact A* at beta={run.exact_beta}. "
+            f"{ev['n_episodes']} episodes sampled from {sampled_from} (groups of 8), success {ev['success']:.3f}, "
             f"{ev['n_steps']} steps ({ev['n_live_steps']} live: success still possible, valid reply), "
-            f"{ev['n_failed']} failed, {ev['n_attribution_labelled']} with a labelled decisive mistake; "
-            f"KL(policy || reference) {ev['kl_per_episode']:.3f} nats per episode.")
+            f"{ev['n_failed']} failed, {ev['n_attribution_labelled']} with a labelled decisive mistake; {kl}.")
 
 
 def target_checks(table: dict) -> list[dict]:
@@ -174,23 +176,31 @@ def write_plots(report_dir: Path, cfg, runs: dict) -> list[str]:
     return ["signal_vs_step.png", "advantages_vs_exact.png"]
 
 
+def _table_section(run, ev: dict, checks: list[dict], temperature: float, sampled_from: str = "the final policy"):
+    lines = [f"- {'met' if c['met'] else 'MISSED'}: {c['target']}: {c['value']:.3f}" for c in checks]
+    return (run_header(run, ev, temperature, sampled_from) + "\n\n" + markdown_table(ev["table"])
+            + "\n\nTargets:\n" + "\n".join(lines))
+
+
 def write_report(report_dir: Path, cfg, runs: dict, exact: dict, clock) -> dict:
     """Write every report file; returns ``{"metrics": metrics.json content, "text": the printed tables}``."""
     report_dir.mkdir(parents=True, exist_ok=True)
     sections, metrics = [], {"config": cfg.to_dict(), "exact": exact, "runs": {}}
     for run in cfg.runs:
         r = runs[run.name]
-        ev = r["final"]
-        checks = target_checks(ev["table"])
+        ev, ev_ref = r["final"], r["final_on_reference"]
+        checks, checks_ref = target_checks(ev["table"]), target_checks(ev_ref["table"])
         metrics["runs"][run.name] = {
             "beta": run.beta, "loss_type": run.loss_type, "score_beta": run.score_beta, "exact_beta": run.exact_beta,
-            "final": ev, "targets": checks,
+            "final": ev, "targets": checks, "final_on_reference": ev_ref, "targets_on_reference": checks_ref,
             "checkpoints": r["checkpoints"], "callback_history": r["history"],
             "train_reward_first_last10": [r["train_log"][0].get("reward"),
                                           float(np.mean([x.get("reward", np.nan) for x in r["train_log"][-10:]]))]}
-        lines = [f"- {'met' if c['met'] else 'MISSED'}: {c['target']}: {c['value']:.3f}" for c in checks]
-        sections.append(run_header(run, ev, cfg.temperature) + "\n\n" + markdown_table(ev["table"])
-                        + "\n\nTargets:\n" + "\n".join(lines))
+        sections.append(
+            f"### {run.name}: beta={run.beta}, loss_type={run.loss_type}, {run.steps} GRPO steps\n\n"
+            f"#### Episodes of the final policy\n\n{_table_section(run, ev, checks, cfg.temperature)}\n\n"
+            f"#### Episodes of the reference, scored by the same final scorer\n\n"
+            f"{_table_section(run, ev_ref, checks_ref, cfg.temperature, 'the reference')}")
     text = "\n\n".join(sections)
     drift = drift_table(cfg, runs)
     (report_dir / "table.md").write_text(text + "\n", encoding="utf-8")
