@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 from .demo_config import DemoConfig, RunConfig
@@ -251,6 +252,8 @@ def run_demo(output_dir: str | os.PathLike = "progadv-demo", *, config_path: str
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    # TRL 1.16 calls transformers' renamed gradient_checkpointing API every step: one FutureWarning per call
+    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*", category=FutureWarning)
     cfg = config or load_config(config_path, quick)
     out, n_phases = Path(output_dir), 2 + 2 * len(cfg.runs) + 1
     cache = out / "cache"
