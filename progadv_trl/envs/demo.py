@@ -182,35 +182,32 @@ def read_history(run_dir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- phase 5
-def evaluate_policy(scorer, env, solver, cfg: DemoConfig, sampler=None, seed: int | None = None):
-    """Fresh episodes of ``sampler`` (default: the scorer's policy; seed ``cfg.seed + 20000``), labelled exactly and
-    scored by ``scorer``.
+def evaluate_policy(scorer, env, solver, cfg: DemoConfig):
+    """Fresh episodes of the scorer's policy (seed ``cfg.seed + 20000``), labelled exactly and scored.
 
     Returns ``(episodes, results, evaluation)`` (see :func:`~progadv_trl.envs.evaluation.evaluate_episodes`).
     """
     from .evaluation import evaluate_episodes
     from .sampling import sample_episodes
 
-    episodes = sample_episodes(scorer.policy.model if sampler is None else sampler, scorer.tokenizer, env,
-                               cfg.eval_episodes, cfg.temperature, seed=cfg.seed + 20_000 if seed is None else seed,
-                               solver=solver, group_size=cfg.group_size)
+    episodes = sample_episodes(scorer.policy.model, scorer.tokenizer, env, cfg.eval_episodes, cfg.temperature,
+                               seed=cfg.seed + 20_000, solver=solver, group_size=cfg.group_size)
     results = scorer.score(episodes)
     return episodes, results, evaluate_episodes(episodes, results)
 
 
-def evaluate_run(run: RunConfig, run_dir: Path, ref_dir: Path, env, labels: ExactLabels, cfg: DemoConfig) -> dict:
-    """Every checkpoint of a run on its own episodes; the last one through the exported scorer.
-
-    The final scorer also scores fresh episodes sampled from the reference (seed ``cfg.seed + 30000``): a policy
-    near the KL optimum rarely makes a decisive mistake, so its own failures are mostly slips (luck), while the
-    reference's episodes hold many mistakes.
+def evaluate_run(run: RunConfig, run_dir: Path, ref_dir: Path, env, labels: ExactLabels, cfg: DemoConfig,
+                 reference_episodes) -> dict:
+    """Every checkpoint of a run on its own episodes; the last one through the exported scorer, which also scores
+    ``reference_episodes`` (fresh episodes of the reference, labelled at ``run.exact_beta``): a policy near the KL
+    optimum rarely makes a decisive mistake, so its own failures are mostly slips (luck), while the reference's
+    episodes hold many mistakes.
 
     Returns ``{"checkpoints": [{"step", **evaluation}], "final": evaluation, "final_on_reference": evaluation,
     "episodes", "results"}`` (the final policy's episodes and scores, for the plots).
     """
-    from transformers import AutoModelForCausalLM
-
     from ..scorer import ProgressAdvantageScorer
+    from .evaluation import evaluate_episodes
 
     solver = labels.solver(run.exact_beta)
     out: dict = {"checkpoints": []}
@@ -224,8 +221,7 @@ def evaluate_run(run: RunConfig, run_dir: Path, ref_dir: Path, env, labels: Exac
         episodes, results, evaluation = evaluate_policy(scorer, env, solver, cfg)
         out["checkpoints"].append({"step": step, **evaluation})
     out.update(final=evaluation, episodes=episodes, results=results)
-    reference = AutoModelForCausalLM.from_pretrained(str(ref_dir)).eval()
-    out["final_on_reference"] = evaluate_policy(scorer, env, solver, cfg, sampler=reference, seed=cfg.seed + 30_000)[2]
+    out["final_on_reference"] = evaluate_episodes(reference_episodes, scorer.score(reference_episodes))
     return out
 
 
@@ -272,18 +268,26 @@ def run_demo(output_dir: str | os.PathLike = "progadv-demo", *, config_path: str
 
     reference = AutoModelForCausalLM.from_pretrained(str(ref_dir)).eval()
     tok = AutoTokenizer.from_pretrained(str(ref_dir))
+    sampled: dict = {}
+
+    def reference_episodes(n: int, seed: int, beta: float):
+        """Episodes of the reference labelled at ``beta``; sampled once per ``(n, seed, beta)`` (runs share them)."""
+        if (n, seed, beta) not in sampled:
+            sampled[n, seed, beta] = sample_episodes(reference, tok, env, n, cfg.temperature, seed=seed,
+                                                     solver=labels.solver(beta), group_size=cfg.group_size)
+        return sampled[n, seed, beta]
+
     runs = {}
     for run in cfg.runs:
-        heldout = sample_episodes(reference, tok, env, cfg.callback_episodes, cfg.temperature,
-                                  seed=cfg.seed + 10_000, solver=labels.solver(run.exact_beta),
-                                  group_size=cfg.group_size)
+        heldout = reference_episodes(cfg.callback_episodes, cfg.seed + 10_000, run.exact_beta)
         trainer = train_run(run, ref_dir, out / run.name, env, heldout, cfg)
         runs[run.name] = {"train_log": [r for r in trainer.state.log_history if "loss" in r],
                           "history": read_history(out / run.name)}
         clock.done(f"train_{run.name}", f"GRPO {run.name} (beta={run.beta}, loss={run.loss_type}): {run.steps} "
                                         f"steps, callback history {out / run.name / 'progadv-history.jsonl'}")
     for run in cfg.runs:
-        runs[run.name].update(evaluate_run(run, out / run.name, ref_dir, env, labels, cfg))
+        on_reference = reference_episodes(cfg.eval_episodes, cfg.seed + 30_000, run.exact_beta)
+        runs[run.name].update(evaluate_run(run, out / run.name, ref_dir, env, labels, cfg, on_reference))
         final = runs[run.name]["final"]
         clock.done(f"evaluate_{run.name}", f"{run.name}: {len(run.checkpoints)} checkpoints x "
                                            f"{cfg.eval_episodes} fresh episodes; final success "
