@@ -54,6 +54,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--step-separator", help="split each action into steps at this separator (escapes like \\n ok)")
     s.add_argument("--max-length", type=int)
     s.add_argument("--batch-size", type=int)
+    s.add_argument("--backend", choices=["auto", "torch", "triton"],
+                   help="fused-kernel backend: torch (validated), triton (CUDA, opt-in); auto = torch today")
     s.add_argument("--baselines", help="comma-separated baseline names, or 'all'")
     s.add_argument("--attribution", choices=["running_sum", "step", "threshold"])
     s.add_argument("--attribution-threshold", type=float)
@@ -108,6 +110,7 @@ def _config_from_args(args):
         "step_separator": (args.step_separator.encode().decode("unicode_escape")
                            if args.step_separator else None),
         "max_length": args.max_length, "batch_size": args.batch_size, "baselines": args.baselines,
+        "backend": args.backend,
         "attribution": args.attribution, "attribution_threshold": args.attribution_threshold,
         "success_threshold": args.success_threshold,
     }

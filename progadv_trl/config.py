@@ -15,6 +15,7 @@ from .uses import ATTRIBUTION_METHODS
 CONFIG_VERSION = 1
 RENDERINGS = ("chat_template", "plain")
 COMPAT_MODES = ("authors",)
+BACKENDS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -65,6 +66,10 @@ class ProgressAdvantageConfig:
             Trajectories per forward pass (they are sorted by length first).
         chunk_size (`int` or `None`, *optional*, defaults to `None`):
             Vocabulary chunk of the fused statistics kernel; ``None`` picks one for the device.
+        backend (`str`, *optional*, defaults to `"auto"`):
+            Fused-kernel implementation: ``"torch"`` (tiled PyTorch fold, validated on CPU and CUDA), ``"triton"``
+            (fused Triton matmul, CUDA only, opt-in until it has passed its tests on GPU hardware) or ``"auto"``
+            (today the same as ``"torch"`` on every device).
         seed (`int`, *optional*, defaults to `0`):
             Seed of the random baseline.
 
@@ -122,6 +127,7 @@ class ProgressAdvantageConfig:
     attribution_threshold: float | None = field(default=None, metadata={"help": "Threshold for attribution='threshold'."})
     batch_size: int = field(default=8, metadata={"help": "Trajectories per forward pass."})
     chunk_size: int | None = field(default=None, metadata={"help": "Vocabulary chunk of the fused kernel."})
+    backend: str = field(default="auto", metadata={"help": "Fused-kernel backend ('auto' is 'torch' everywhere today).", "choices": BACKENDS})
     seed: int = field(default=0, metadata={"help": "Seed of the random baseline."})
     heldout: Any = field(default=None, metadata={"help": "Fixed labelled held-out rollouts (path, dataset or list)."})
     heldout_prompts: Any = field(default=None, metadata={"help": "Held-out prompts the current policy completes at each evaluation."})
@@ -168,6 +174,7 @@ class ProgressAdvantageConfig:
               "a number when attribution='threshold'")
         check("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an integer >= 1")
         check("chunk_size", self.chunk_size is None or (isinstance(self.chunk_size, int) and self.chunk_size >= 1), "None or an integer >= 1")
+        check("backend", self.backend in BACKENDS, f"one of {BACKENDS}")
         check("eval_steps", self.eval_steps is None or (isinstance(self.eval_steps, int) and self.eval_steps >= 1), "None or an integer >= 1")
         check("eval_num_generations", self.eval_num_generations is None or (isinstance(self.eval_num_generations, int) and self.eval_num_generations >= 1), "None or an integer >= 1")
         check("reference_placement", self.reference_placement in ("auto", "device", "cpu", "disk"), "one of auto, device, cpu, disk")

@@ -151,7 +151,7 @@ class ProgressAdvantageScorer:
         stats = compute_token_stats(
             self.policy, self.reference, toks, ref_toks, temperature=cfg.temperature, top_k=cfg.top_k,
             chunk_size=cfg.chunk_size, batch_size=cfg.batch_size, all_positions=details,
-            policy_stats=_policy_stats_for(cfg.baselines), with_kl=with_drift,
+            policy_stats=_policy_stats_for(cfg.baselines), with_kl=with_drift, backend=cfg.backend,
             pad_id=_pad_id(self.tokenizer),
             reference_pad_id=None if self.reference_tokenizer is None else _pad_id(self.reference_tokenizer))
         rand = random_scores([str(t.id) for t in trajs], seed=cfg.seed)

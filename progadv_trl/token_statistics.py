@@ -100,7 +100,7 @@ def compute_token_stats(policy: ModelView, reference: ModelView, policy_tokens: 
                         top_k: int = 20, chunk_size: int | None = None, batch_size: int = 8,
                         all_positions: bool = False, pad_id: int = 0, reference_pad_id: int | None = None,
                         policy_stats: tuple[str, ...] = POLICY_STATS, with_kl: bool = True,
-                        share_prefix: bool = True) -> list[TokenStats]:
+                        share_prefix: bool = True, backend: str = "auto") -> list[TokenStats]:
     """Statistics for a list of tokenized trajectories.
 
     Args:
@@ -111,6 +111,7 @@ def compute_token_stats(policy: ModelView, reference: ModelView, policy_tokens: 
         all_positions: score every position (for ``--details``), not only the steps' tokens.
         policy_stats: the policy statistics to compute (``logprob`` always); ``with_kl``: also the exact KL.
         share_prefix: encode a prefix shared by a batch's rows (a best-of-N group's prompt) once.
+        backend: the fused kernel's implementation (``"auto"``, ``"torch"``, ``"triton"``).
     """
     policy_stats = tuple(dict.fromkeys(("logprob", *policy_stats)))
     results: list[dict[str, torch.Tensor]] = [{} for _ in policy_tokens]
@@ -129,11 +130,11 @@ def compute_token_stats(policy: ModelView, reference: ModelView, policy_tokens: 
                 temperature=temperature, policy_logit_scale=p_head.logit_scale,
                 reference_logit_scale=r_head.logit_scale, policy_softcap=p_head.softcap,
                 reference_softcap=r_head.softcap, stats=(*policy_stats, "ref_logprob", *(("kl",) if with_kl else ())), top_k=top_k,
-                chunk_size=chunk_size)
+                chunk_size=chunk_size, backend=backend)
         else:
             out = token_stats(hp, p_head.weight, targets, bias=p_head.bias, temperature=temperature,
                               logit_scale=p_head.logit_scale, softcap=p_head.softcap, stats=policy_stats,
-                              top_k=top_k, chunk_size=chunk_size)
+                              top_k=top_k, chunk_size=chunk_size, backend=backend)
         _scatter(out, policy_tokens, idx, p_pos, results)
     if not shared:
         r_pos = [_scored_positions(t, all_positions) for t in reference_tokens]
@@ -144,7 +145,7 @@ def compute_token_stats(policy: ModelView, reference: ModelView, policy_tokens: 
                                          pad_id if reference_pad_id is None else reference_pad_id, share_prefix)
             out = token_stats(hr, r_head.weight, targets, bias=r_head.bias, temperature=temperature,
                               logit_scale=r_head.logit_scale, softcap=r_head.softcap, stats=("logprob",),
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, backend=backend)
             _scatter({"ref_logprob": out["logprob"]}, reference_tokens, idx, r_pos, results)
     for i, res in enumerate(results):  # trajectories with nothing scored still get NaN arrays
         n_ref = len((policy_tokens if shared else reference_tokens)[i].input_ids)

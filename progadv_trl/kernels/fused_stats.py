@@ -25,8 +25,9 @@ The scale factors are folded into the fp32 hidden states and bias before the GEM
 transform). Without softcap the logits are linear in ``h``, so ``mean_j zp_j = h . mean_j W_j + mean_j b_j``
 needs no pass over the tiles.
 
-On CUDA, when Triton imports, the same fold runs fused into a Triton matmul (:mod:`.triton_fold`, which lists what
-it leaves to these torch tiles); ``PROGADV_FUSED_BACKEND=torch|triton`` forces a path.
+``backend="triton"`` runs the same fold fused into a Triton matmul on CUDA (:mod:`.triton_fold`, which lists what it
+supports). It is opt-in: it has passed its tests under Triton's CPU interpreter but not yet on GPU hardware, so
+``backend="auto"`` (the default) is the torch path on every device until it has (:data:`TRITON_VALIDATED`).
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ from collections.abc import Iterable
 import torch
 
 STATS = ("logprob", "ref_logprob", "entropy", "kl", "self_certainty", "topk_confidence")
+BACKENDS = ("auto", "torch", "triton")
+# Flip to True once tests/test_kernels_triton.py has passed on a CUDA GPU: then "auto" picks Triton on CUDA.
+TRITON_VALIDATED = False
 POLICY_STATS = ("logprob", "entropy", "self_certainty", "topk_confidence")
 
 # Default tile: ``_TILE_ELEMENTS`` fp32 logits per model (4 MiB), at most ``_MAX_ROWS`` rows per block
@@ -233,24 +237,39 @@ def _check_targets(targets: torch.Tensor, n: int, vocab: int) -> None:
                          f"[{int(targets.min())}, {int(targets.max())}]")
 
 
-def _triton_path(policy: _Head, reference: _Head | None, targets: torch.Tensor, top_k: int):
-    """The Triton module when it should run: CUDA inputs it supports, or ``PROGADV_FUSED_BACKEND=triton``."""
-    backend = os.environ.get("PROGADV_FUSED_BACKEND", "auto")
-    if backend == "torch" or targets.shape[0] == 0 or (backend == "auto" and targets.device.type != "cuda"):
+def _triton_path(policy: _Head, reference: _Head | None, targets: torch.Tensor, top_k: int, backend: str):
+    """The Triton module when ``backend`` asks for it (``"auto"`` only once :data:`TRITON_VALIDATED`), else ``None``.
+
+    An explicit ``backend="triton"`` never falls back silently: inputs it cannot take raise.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    explicit = backend == "triton"
+    if backend == "torch" or (backend == "auto" and not (TRITON_VALIDATED and targets.device.type == "cuda")):
+        return None
+    if targets.shape[0] == 0:
         return None
     try:
         from . import triton_fold
-    except ImportError:
-        if backend == "triton":
-            raise
+    except ImportError as e:
+        if explicit:
+            raise ImportError(f"backend='triton' needs the triton package ({e}); use backend='torch'") from None
         return None
-    return triton_fold if backend == "triton" or triton_fold.supports(policy, reference, top_k) else None
+    if explicit and targets.device.type != "cuda" and not triton_fold.INTERPRETED:
+        raise ValueError(f"backend='triton' runs on CUDA tensors (got {targets.device.type}); use backend='torch' "
+                         "(or set TRITON_INTERPRET=1 before importing triton to run it interpreted)")
+    if triton_fold.supports(policy, reference, top_k):
+        return triton_fold
+    if explicit:
+        raise ValueError(f"backend='triton' does not support these inputs (hidden/weight dtypes must match and be "
+                         f"fp32/fp16/bf16, top_k <= {triton_fold.MAX_TOP_K}); use backend='torch'")
+    return None
 
 
 def _fused_stats(policy: _Head, reference: _Head | None, targets: torch.Tensor, want: set[str], top_k: int,
-                 chunk_size: int | None) -> dict[str, torch.Tensor]:
+                 chunk_size: int | None, backend: str = "auto") -> dict[str, torch.Tensor]:
     """The fold shared by :func:`two_model_token_stats` and :func:`token_stats` (``reference=None``)."""
-    triton_path = _triton_path(policy, reference, targets, top_k)
+    triton_path = _triton_path(policy, reference, targets, top_k, backend)
     if triton_path is not None:
         return triton_path.fused_stats(policy, reference, targets, want, top_k)
     n, vocab, device = targets.shape[0], policy.vocab, targets.device
@@ -328,6 +347,7 @@ def two_model_token_stats(
     stats: Iterable[str] = STATS,
     top_k: int = 20,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Per-token statistics of a policy and its reference over a shared vocabulary, without ``[N, V]`` logits.
 
@@ -340,6 +360,7 @@ def two_model_token_stats(
         stats: any of :data:`STATS`; only those are computed (no reference GEMM without a reference statistic).
         top_k: ``k`` of ``topk_confidence`` (clamped to ``V``).
         chunk_size: vocabulary columns per tile; ``None`` picks a CPU-friendly size.
+        backend: ``"torch"``, ``"triton"`` (CUDA, opt-in) or ``"auto"`` (torch until Triton is validated on GPU).
 
     Returns:
         ``{stat: [N] fp32}`` with exactly the requested keys, on the input device.
@@ -356,7 +377,7 @@ def two_model_token_stats(
     reference = _Head(reference_hidden, reference_weight, reference_bias, temperature, reference_logit_scale,
                       reference_softcap, "reference")
     _check_targets(targets, policy_hidden.shape[0], policy.vocab)
-    return _fused_stats(policy, reference, targets, want, top_k, chunk_size)
+    return _fused_stats(policy, reference, targets, want, top_k, chunk_size, backend)
 
 
 @torch.no_grad()
@@ -372,6 +393,7 @@ def token_stats(
     stats: Iterable[str] = POLICY_STATS,
     top_k: int = 20,
     chunk_size: int | None = None,
+    backend: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Single-model version of :func:`two_model_token_stats` (``hidden`` ``[N, H]``, ``weight`` ``[V, H]``).
 
@@ -381,4 +403,4 @@ def token_stats(
     _check_common(temperature, top_k)
     head = _Head(hidden, weight, bias, temperature, logit_scale, softcap, "model")
     _check_targets(targets, hidden.shape[0], head.vocab)
-    return _fused_stats(head, None, targets, want, top_k, chunk_size)
+    return _fused_stats(head, None, targets, want, top_k, chunk_size, backend)

@@ -16,8 +16,8 @@ moved in by repeated max-extraction, ``min(k, max over rows of #{u > tau})`` rou
 Target logits come from a ``[N, H]`` gather in torch (:meth:`_Head.target_logits`). Not supported here, so left to
 the torch path by :func:`supports`: non-CUDA tensors (unless forced), hidden and weight dtypes that differ or are not
 fp32/fp16/bf16, ``k > 64``. fp32 inputs use IEEE fp32 ``tl.dot`` (no TF32), correct but far from the bf16 speed.
-``chunk_size`` is ignored. ``PROGADV_FUSED_BACKEND=torch|triton`` forces a path (``triton`` on CPU tensors needs
-``TRITON_INTERPRET=1`` set before Triton is imported).
+``chunk_size`` is ignored. Runs only when asked for (``backend="triton"``); CPU tensors need ``TRITON_INTERPRET=1``
+set before Triton is imported.
 """
 
 from __future__ import annotations
@@ -34,9 +34,9 @@ LN2 = 0.6931471805599453
 MAX_TOP_K = 64
 # Accumulator rows of the partial-results tensor ``[len(_ACC), SPLIT, N]``
 _ACC = ("m", "s", "a", "b", "z", "m_r", "s_r")
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-DEFAULT_CONFIG = (16, 32, 16, 1, 1) if _INTERPRET else (128, 64, 64, 8, 3)
+DEFAULT_CONFIG = (16, 32, 16, 1, 1) if INTERPRETED else (128, 64, 64, 8, 3)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
