@@ -4,7 +4,7 @@
     python examples/grpo_with_progadv.py --model Qwen/Qwen3-0.6B --heldout my_rollouts.jsonl   # a real run
 
 Held-out rollouts are labelled trajectories (our JSONL: {"id", "group", "messages", "reward", "mistake_step"}). After
-training, `<output_dir>/progadv-history.jsonl` holds the drift history and `<output_dir>/progadv-scorer` the exported
+training, `<output_dir>/progadv-history.jsonl` holds the drift history and `<output_dir>/_progadv/scorer` the exported
 scorer (`ProgressAdvantageScorer.from_pretrained`).
 """
 
@@ -47,7 +47,7 @@ def main():
     trainer.add_callback(ProgressAdvantageCallback(  # progadv
         trainer=trainer, config=ProgressAdvantageConfig(heldout=heldout)))  # progadv
     trainer.train()
-    print(f"history: {args.output_dir}/progadv-history.jsonl   scorer: {args.output_dir}/progadv-scorer")
+    print(f"history: {args.output_dir}/progadv-history.jsonl   scorer: {args.output_dir}/_progadv/scorer")
 
 
 if __name__ == "__main__":

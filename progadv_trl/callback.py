@@ -7,11 +7,17 @@
 
 At train begin it finds (or makes) the reference (:mod:`progadv_trl.reference`), then evaluates held-out rollouts with
 :class:`~progadv_trl.monitor.ProgressAdvantageMonitor` at train begin, every ``eval_steps`` and at the end, at the
-trainer's temperature and beta (1.0 when beta is 0). Metrics go into the trainer's own log rows under ``progadv/``
-(appended to ``trainer._metrics``, never through ``trainer.log()``, which would steal GRPO's row), and every
-evaluation is appended to ``<output_dir>/progadv-history.jsonl``. The final scorer is exported to
-``<output_dir>/progadv-scorer`` and the best one to ``progadv-scorer-best``. The callback's state is saved in every
-checkpoint and restored on ``resume_from_checkpoint``.
+trainer's temperature and beta (1.0 when beta is 0). The interval is ``config.eval_steps``, else the trainer's own
+resolved ``eval_steps`` (``eval_strategy="steps"``), else its resolved ``logging_steps``.
+
+Every evaluation reaches the trainer's logs (and so every ``report_to`` integration): when the trainer writes a log
+row at that step and keeps GRPO/RLOO's ``_metrics`` store, the metrics ride in that row beside the trainer's own keys
+(``trainer.log()`` would take GRPO's accumulated metrics out of their row); otherwise (train begin, train end, steps
+without a row, trainers without the store) they get a row of their own through the base ``Trainer.log``. Every
+evaluation is also appended to ``<output_dir>/progadv-history.jsonl``. The final scorer is exported to
+``<export_dir>/scorer`` and the best one to ``<export_dir>/scorer-best`` (``export_dir`` defaults to
+``<output_dir>/_progadv``, which ``push_to_hub`` skips). The callback's state is saved in every checkpoint and
+restored on ``resume_from_checkpoint``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -29,6 +36,7 @@ from .reference import resolve_reference
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "progadv_state.json"
+EXPORT_DIR = "_progadv"
 
 
 def _load_prompt_rows(source) -> list[dict]:
@@ -64,10 +72,7 @@ class ProgressAdvantageCallback(TrainerCallback):
                              "or pass sampler= (your environment loop)")
         self._user_sampler = sampler
         self.trainer = trainer
-        args = trainer.args
-        self.eval_steps = self.config.eval_steps or _trainer_eval_steps(args)
-        if self.eval_steps is None or self.eval_steps <= 0:
-            raise ValueError(f"eval interval must be a positive number of steps, got {self.eval_steps}")
+        self.eval_steps: int | None = self.config.eval_steps  # resolved against the trainer state at train begin
         tok = trainer.processing_class
         tok = getattr(tok, "tokenizer", tok)
         if self.config.rendering == "chat_template" and not getattr(tok, "chat_template", None):
@@ -86,6 +91,8 @@ class ProgressAdvantageCallback(TrainerCallback):
                              if self.config.heldout_prompts is not None else None)
         self.monitor: ProgressAdvantageMonitor | None = None
         self._last_eval_step: int | None = None
+        self._in_row: dict[str, float] | None = None  # metrics waiting in the trainer's _metrics for its next row
+        self._warned_no_log = False
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -117,35 +124,70 @@ class ProgressAdvantageCallback(TrainerCallback):
         self._last_eval_step = state.global_step
         return metrics
 
-    def _push(self, metrics: dict) -> None:
-        """Into GRPO's/RLOO's own next log row: one value per key (the latest evaluation), never trainer.log()."""
+    def _report(self, metrics: dict, row_follows: bool = False) -> None:
+        """Send one evaluation to the trainer's logs: into the trainer's own row at this step when one follows and
+        the trainer keeps a ``_metrics`` store (GRPO, RLOO), else as a row of its own."""
+        self._flush_unlogged()
+        values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         store = getattr(self.trainer, "_metrics", None)
-        if store is None:
-            return
-        mode = "train"
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)):
-                store[mode][key] = [float(value)]
+        if row_follows and isinstance(store, dict) and isinstance(store.get("train"), dict):
+            for key, value in values.items():
+                store["train"][key] = [value]
+            self._in_row = values
+        else:
+            self._log_row(values)
+
+    def _flush_unlogged(self) -> None:
+        """Metrics left in the store after the row that should have carried them: give them their own row."""
+        if self._in_row is not None:
+            values, self._in_row = self._in_row, None
+            store = getattr(self.trainer, "_metrics", None)
+            if isinstance(store, dict) and isinstance(store.get("train"), dict):
+                for key in values:
+                    store["train"].pop(key, None)
+            self._log_row(values)
+
+    def _log_row(self, values: dict[str, float]) -> None:
+        from transformers import Trainer
+
+        finite = {k: v for k, v in values.items() if math.isfinite(v)}  # JSON loggers refuse NaN
+        if isinstance(self.trainer, Trainer) and getattr(self.trainer, "state", None) is not None:
+            Trainer.log(self.trainer, finite)  # the base method: GRPO's override would empty its metric store
+        elif not self._warned_no_log:
+            self._warned_no_log = True
+            logger.warning("progadv: %s is not a transformers Trainer, so evaluations are not sent to its loggers; "
+                           "they are in progadv-history.jsonl", type(self.trainer).__name__)
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, **kwargs):
+        if self.config.eval_steps is None:
+            self.eval_steps = _trainer_eval_steps(args, state)
         output_dir = Path(args.output_dir)
+        export_dir = export_root(self.config, output_dir)
         resumed = _resumed_state(output_dir, state.global_step)
-        reference = resolve_reference(self.trainer, self.config, output_dir,
+        reference = resolve_reference(self.trainer, self.config, export_dir,
                                       resumed.get("reference") if resumed else None)
         self.monitor = ProgressAdvantageMonitor(
             reference, self.tokenizer, self.config, output_dir if state.is_world_process_zero else None,
-            heldout=self._heldout, sampler=self._sampler())
+            heldout=self._heldout, sampler=self._sampler(), export_dir=export_dir)
         if resumed:
             self.monitor.load_state_dict(resumed["monitor"], up_to_step=state.global_step)
             self._last_eval_step = resumed.get("last_eval_step")
         if self._last_eval_step != state.global_step:
-            self._push(self._evaluate(state))
+            self._report(self._evaluate(state))  # no trainer row at train begin: a row of its own
 
     def on_step_end(self, args, state, control, **kwargs):
         due = state.global_step % self.eval_steps == 0 or state.global_step >= state.max_steps
         if due and self._last_eval_step != state.global_step:
-            self._push(self._evaluate(state))
+            # the trainer's flow callback ran first and decided whether this step writes a log row
+            self._report(self._evaluate(state), row_follows=bool(control.should_log))
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._in_row is not None:
+            if logs and any(key in logs for key in self._in_row):
+                self._in_row = None
+            else:  # the trainer wrote its row without reading its store: a row of their own instead
+                self._flush_unlogged()
 
     def on_save(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or self.monitor is None:
@@ -161,19 +203,43 @@ class ProgressAdvantageCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.monitor is None:
             return
-        if self._last_eval_step != state.global_step:  # stopped early, between evaluations
-            self._evaluate(state)
+        self._flush_unlogged()
+        if self._last_eval_step != state.global_step:  # stopped between evaluations
+            self._report(self._evaluate(state))
         if self.config.export:
-            self.monitor.export(self.trainer.model, step=state.global_step, temperature=self.temperature,
-                                beta=self.beta)
+            path = self.monitor.export(self.trainer.model, step=state.global_step, temperature=self.temperature,
+                                       beta=self.beta)
+            best = self.monitor.export_best(self.trainer.model)
+            if path is not None:
+                logger.info("progadv: scorer exported to %s%s", path, f", best to {best}" if best else "")
 
 
-def _trainer_eval_steps(args) -> int | None:
-    strategy = str(getattr(args, "eval_strategy", "no"))
-    if "steps" in strategy and getattr(args, "eval_steps", None):
-        return int(args.eval_steps) if args.eval_steps >= 1 else None
-    steps = getattr(args, "logging_steps", None)
-    return int(steps) if steps and steps >= 1 else None
+def export_root(config: ProgressAdvantageConfig, output_dir: Path) -> Path:
+    """Where scorers and the snapshot reference go: ``config.export_dir`` (relative to ``output_dir``) or
+    ``<output_dir>/_progadv`` (``Trainer.push_to_hub`` skips names that start with ``_``)."""
+    if config.export_dir is None:
+        return output_dir / EXPORT_DIR
+    path = Path(config.export_dir)
+    return path if path.is_absolute() else output_dir / path
+
+
+def _trainer_eval_steps(args, state) -> int:
+    """The trainer's own interval, as its flow callback resolves it: ``state.eval_steps`` under
+    ``eval_strategy="steps"`` (a fraction of ``max_steps`` already made absolute), else ``state.logging_steps``."""
+    from transformers.trainer_utils import IntervalStrategy
+
+    steps = None
+    if args.eval_strategy == IntervalStrategy.STEPS:
+        steps = getattr(state, "eval_steps", None)
+    if not steps:
+        steps = getattr(state, "logging_steps", None) or getattr(args, "logging_steps", None)
+    if steps and 0 < steps < 1:  # a fraction the state did not resolve (state built by hand)
+        steps = math.ceil(state.max_steps * steps)
+    if not steps or steps < 1:
+        raise ValueError(f"progadv: cannot tell the evaluation interval from the trainer (eval_steps="
+                         f"{getattr(args, 'eval_steps', None)}, logging_steps={getattr(args, 'logging_steps', None)});"
+                         " set ProgressAdvantageConfig.eval_steps")
+    return int(steps)
 
 
 def _resumed_state(output_dir: Path, global_step: int) -> dict | None:

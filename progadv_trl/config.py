@@ -16,6 +16,7 @@ CONFIG_VERSION = 1
 RENDERINGS = ("chat_template", "plain")
 COMPAT_MODES = ("authors",)
 BACKENDS = ("auto", "torch", "triton")
+BEST_EXPORTS = ("end", "every_best", "none")
 
 
 @dataclass
@@ -85,7 +86,8 @@ class ProgressAdvantageConfig:
             Completions per held-out prompt; ``None`` means the trainer's ``num_generations``.
         eval_steps (`int` or `None`, *optional*, defaults to `None`):
             Evaluate every this many optimizer steps (and at train begin and end); ``None`` means the trainer's
-            ``eval_steps`` when set, else its ``logging_steps``.
+            resolved evaluation interval when ``eval_strategy="steps"`` (fractions of ``max_steps`` included), else
+            its resolved ``logging_steps``.
         reference_placement (`str`, *optional*, defaults to `"auto"`):
             Where a snapshot reference (beta-0 runs, ``sync_ref_model``) lives: ``"device"`` (beside the policy),
             ``"cpu"``, or ``"disk"`` (safetensors, loaded for each evaluation). ``"auto"`` is ``"device"``. The
@@ -106,7 +108,15 @@ class ProgressAdvantageConfig:
         log_baselines (`bool`, *optional*, defaults to `True`):
             Log each baseline's metrics beside progress advantage (``progadv/baseline/<name>/<metric>``).
         export (`bool`, *optional*, defaults to `True`):
-            Export ``<output_dir>/progadv-scorer`` at train end and ``progadv-scorer-best`` at the best evaluation.
+            Export the final scorer (``<export_dir>/scorer``) at train end and the best one (``scorer-best``).
+        export_dir (`str` or `None`, *optional*, defaults to `None`):
+            Where the exported scorers and the snapshot reference go; relative paths are inside ``output_dir``.
+            ``None`` means ``<output_dir>/_progadv``, which ``Trainer.push_to_hub`` does not upload (it skips names
+            starting with ``_``). Name a folder without the underscore to upload the scorers with the model.
+        best_export (`str`, *optional*, defaults to `"end"`):
+            When the best scorer is written: ``"end"`` keeps the best policy's trainable weights in CPU memory (only
+            the adapter under PEFT) and writes ``scorer-best`` once, at train end; ``"every_best"`` writes it at every
+            new best (survives a crash, costs a full copy of the weights per new best); ``"none"`` never.
     """
 
     beta: float = field(default=1.0, metadata={"help": "Scale of the log-ratio (the trainer's KL coefficient; 1.0 for beta-0 runs)."})
@@ -141,6 +151,8 @@ class ProgressAdvantageConfig:
     decay_margin: float = field(default=0.05, metadata={"help": "Warn when quality falls this far below its best."})
     log_baselines: bool = field(default=True, metadata={"help": "Log the baselines' metrics too."})
     export: bool = field(default=True, metadata={"help": "Export the final and the best scorer."})
+    export_dir: str | None = field(default=None, metadata={"help": "Where scorers and the snapshot reference go (default: <output_dir>/_progadv, not pushed to the Hub)."})
+    best_export: str = field(default="end", metadata={"help": "When the best scorer is written.", "choices": BEST_EXPORTS})
 
     def __post_init__(self):
         def check(name: str, ok: bool, expected: str):
@@ -175,6 +187,8 @@ class ProgressAdvantageConfig:
         check("batch_size", isinstance(self.batch_size, int) and self.batch_size >= 1, "an integer >= 1")
         check("chunk_size", self.chunk_size is None or (isinstance(self.chunk_size, int) and self.chunk_size >= 1), "None or an integer >= 1")
         check("backend", self.backend in BACKENDS, f"one of {BACKENDS}")
+        check("best_export", self.best_export in BEST_EXPORTS, f"one of {BEST_EXPORTS}")
+        check("export_dir", self.export_dir is None or (isinstance(self.export_dir, str) and self.export_dir != ""), "None or a non-empty path")
         check("eval_steps", self.eval_steps is None or (isinstance(self.eval_steps, int) and self.eval_steps >= 1), "None or an integer >= 1")
         check("eval_num_generations", self.eval_num_generations is None or (isinstance(self.eval_num_generations, int) and self.eval_num_generations >= 1), "None or an integer >= 1")
         check("reference_placement", self.reference_placement in ("auto", "device", "cpu", "disk"), "one of auto, device, cpu, disk")
@@ -189,6 +203,8 @@ class ProgressAdvantageConfig:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields; held-out data given as objects (datasets, lists) is recorded as ``None``."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if out.get("export_dir") is not None:
+            out["export_dir"] = str(out["export_dir"])
         for key in ("heldout", "heldout_prompts"):
             if not isinstance(out[key], (str, type(None))):
                 out[key] = None

@@ -8,7 +8,8 @@ The callback is a thin layer over it; custom loops (PPO, verl, OpenRLHF) call it
         ...  # rollouts, losses, optimizer step
         if step % 50 == 0:
             metrics = monitor.evaluate(policy, step)   # {"progadv/auroc": ..., "progadv/kl/mean": ..., ...}
-    monitor.export(policy)                             # runs/ppo/progadv-scorer
+    monitor.export(policy)                             # runs/ppo/_progadv/scorer
+    monitor.export_best(policy)                        # runs/ppo/_progadv/scorer-best (the best evaluation)
 
 Under ``torch.distributed``, every rank scores its share of the held-out rollouts, results are gathered, and every
 rank computes the same metrics; only rank 0 writes files.
@@ -38,7 +39,7 @@ from .scorer import ProgressAdvantageScorer
 
 logger = logging.getLogger(__name__)
 HISTORY_FILE = "progadv-history.jsonl"
-SCORER_DIR, BEST_SCORER_DIR = "progadv-scorer", "progadv-scorer-best"
+EXPORT_DIR, SCORER_DIR, BEST_SCORER_DIR = "_progadv", "scorer", "scorer-best"
 QUALITY_COLUMNS = ("auroc", "spearman", "best_of_n", "mean_success", "oracle", "attribution_accuracy",
                    "attribution_mae")
 
@@ -70,14 +71,16 @@ class ProgressAdvantageMonitor:
             :class:`~progadv_trl.reference.Reference`).
         tokenizer: the policy's tokenizer (with its chat template).
         config: a :class:`ProgressAdvantageConfig`; ``heldout`` names the fixed labelled rollouts.
-        output_dir: where ``progadv-history.jsonl`` and the exported scorers go (``None``: nothing written).
+        output_dir: where ``progadv-history.jsonl`` goes (``None``: nothing written).
+        export_dir: where the exported scorers go (``scorer/``, ``scorer-best/``); default ``config.export_dir``
+            (relative to ``output_dir``), else ``<output_dir>/_progadv``.
         sampler: optional ``sampler(policy) -> list[Trajectory]`` producing fresh labelled rollouts (held-out
             prompts completed by the current policy); they are scored beside the fixed ones.
     """
 
     def __init__(self, reference, tokenizer, config: ProgressAdvantageConfig | None = None,
                  output_dir: str | Path | None = None, *, heldout: Sequence[Trajectory] | None = None,
-                 sampler: Callable[[Any], list[Trajectory]] | None = None):
+                 sampler: Callable[[Any], list[Trajectory]] | None = None, export_dir: str | Path | None = None):
         self.config = config or ProgressAdvantageConfig()
         if isinstance(reference, Reference):
             self.reference = reference
@@ -85,6 +88,10 @@ class ProgressAdvantageMonitor:
             self.reference = Reference("given", reference if isinstance(reference, ModelView) else ModelView(reference))
         self.tokenizer = tokenizer
         self.output_dir = Path(output_dir) if output_dir is not None else None
+        if export_dir is None and self.output_dir is not None:
+            export_dir = (self.output_dir / self.config.export_dir if self.config.export_dir is not None
+                          else self.output_dir / EXPORT_DIR)
+        self.export_dir = Path(export_dir) if export_dir is not None else None
         if heldout is None and self.config.heldout is not None:
             from .loaders import load_trajectories
 
@@ -100,6 +107,7 @@ class ProgressAdvantageMonitor:
         self.detector = DecayDetector(self.config.decay_margin)
         self.last_results: list = []
         self._previous_scores: dict[str, float] = {}
+        self._best: dict | None = None  # best_export="end": the best evaluation's trainable weights, on CPU
 
     # ------------------------------------------------------------------ evaluation
     def _scorer(self, policy, reference_view, temperature: float, beta: float) -> ProgressAdvantageScorer:
@@ -204,13 +212,18 @@ class ProgressAdvantageMonitor:
         is_best, warning = self.detector.update(step, quality)
         if warning:
             logger.warning(warning)
-        if self.output_dir is None or not self.is_main_process:
+        if not self.is_main_process:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / HISTORY_FILE, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
-        if is_best and self.config.export:
-            self.export(policy, self.output_dir / BEST_SCORER_DIR, step=step, temperature=temperature, beta=beta)
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / HISTORY_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+        if is_best and self.config.export and self.export_dir is not None:
+            if self.config.best_export == "every_best":
+                self.export(policy, self.export_dir / BEST_SCORER_DIR, step=step, temperature=temperature, beta=beta)
+            elif self.config.best_export == "end":
+                self._best = {"step": step, "temperature": temperature, "beta": beta,
+                              "weights": _trainable_copy(policy)}
 
     @property
     def is_main_process(self) -> bool:
@@ -223,14 +236,36 @@ class ProgressAdvantageMonitor:
         if not self.is_main_process:
             return None
         if path is None:
-            if self.output_dir is None:
-                raise ValueError("export() needs a path when the monitor has no output_dir")
-            path = self.output_dir / SCORER_DIR
+            if self.export_dir is None:
+                raise ValueError("export() needs a path when the monitor has no output_dir or export_dir")
+            path = self.export_dir / SCORER_DIR
         temperature = self.config.temperature if temperature is None else temperature
         beta = self.config.beta if beta is None else beta
         scorer = self._scorer(policy, self.reference.view(), temperature, beta)
         scorer.provenance = {"step": step, "reference": self.reference.describe()}
         return scorer.save_pretrained(path)
+
+    def export_best(self, policy, path: str | Path | None = None) -> Path | None:
+        """Write the best evaluation's scorer (``best_export="end"``): the kept weights are put into ``policy`` for
+        the save and the current ones put back after; rank 0 only. Returns the path, or ``None`` when nothing is
+        kept (no best yet, another rank, or the best came before a resume)."""
+        if self._best is None or not self.is_main_process:
+            if self.config.best_export == "end" and self.is_main_process and self.detector.best_step is not None:
+                logger.warning("progadv: the best evaluation (step %s) is not in memory (it came before a resume); "
+                               "scorer-best not written. best_export='every_best' writes it when it happens",
+                               self.detector.best_step)
+            return None
+        if path is None:
+            if self.export_dir is None:
+                raise ValueError("export_best() needs a path when the monitor has no output_dir or export_dir")
+            path = self.export_dir / BEST_SCORER_DIR
+        best = self._best
+        current = _trainable_copy(policy)
+        _load_trainable(policy, best["weights"])
+        try:
+            return self.export(policy, path, step=best["step"], temperature=best["temperature"], beta=best["beta"])
+        finally:
+            _load_trainable(policy, current)
 
     def state_dict(self) -> dict:
         return {"history": self.history, "detector": self.detector.state_dict(),
@@ -248,3 +283,20 @@ class ProgressAdvantageMonitor:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / HISTORY_FILE, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(h) + "\n" for h in self.history)
+
+
+def _trainable_params(policy) -> dict[str, torch.nn.Parameter]:
+    model = policy.model if isinstance(policy, ModelView) else policy
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _trainable_copy(policy) -> dict[str, torch.Tensor]:
+    """The parameters training changes (only the adapter under PEFT), copied to CPU in their dtype."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in _trainable_params(policy).items()}
+
+
+@torch.no_grad()
+def _load_trainable(policy, weights: dict[str, torch.Tensor]) -> None:
+    params = _trainable_params(policy)
+    for name, value in weights.items():
+        params[name].copy_(value)

@@ -11,7 +11,7 @@ PEFT, pre-trained adapter, beta > 0               TRL's frozen ``"ref"`` adapter
 PEFT, pre-trained adapter, beta = 0               our frozen copy of the initial adapter, ``"progadv_ref"``
 ================================================  ===============================================================
 
-Snapshots are also written to ``<output_dir>/progadv-reference`` once, so that a resumed run keeps the *initial*
+Snapshots are also written to ``<export_dir>/reference`` once, so that a resumed run keeps the *initial*
 policy as its reference.
 """
 
@@ -26,7 +26,7 @@ from .drift import weight_drift
 from .models import ModelView, is_peft_model, load_causal_lm, strip_wrappers, unwrap
 
 logger = logging.getLogger(__name__)
-SNAPSHOT_DIR = "progadv-reference"
+SNAPSHOT_DIR = "reference"
 REF_ADAPTER = "progadv_ref"
 
 
@@ -106,12 +106,12 @@ def load_snapshot(path: str | Path, placement: str, device) -> Reference:
     return Reference("snapshot", ModelView(model), str(path), target)
 
 
-def resolve_reference(trainer, config, output_dir: str | Path, resumed_state: dict | None = None) -> Reference:
+def resolve_reference(trainer, config, export_dir: str | Path, resumed_state: dict | None = None) -> Reference:
     """The reference of ``trainer`` (GRPOTrainer, RLOOTrainer, or anything with ``model``/``ref_model``/``beta``)."""
     model = strip_wrappers(trainer.model)
     beta = float(getattr(trainer, "beta", getattr(getattr(trainer, "args", None), "beta", 0.0)) or 0.0)
     placement = "device" if config.reference_placement == "auto" else config.reference_placement
-    snap_dir = Path(output_dir) / SNAPSHOT_DIR
+    snap_dir = Path(export_dir) / SNAPSHOT_DIR
     if resumed_state and resumed_state.get("kind") == "snapshot":
         return load_snapshot(resumed_state["path"], placement, next(unwrap(model).parameters()).device)
     if is_peft_model(model):

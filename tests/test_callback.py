@@ -55,10 +55,10 @@ def history(out):
 
 
 def assert_exported_equals_last_evaluation(cb, out):
-    loaded = ProgressAdvantageScorer.from_pretrained(out / "progadv-scorer")
+    loaded = ProgressAdvantageScorer.from_pretrained(out / "_progadv" / "scorer")
     again = loaded.score(sample_trajectories())
     assert [r.score for r in again] == pytest.approx([r.score for r in cb.monitor.last_results], abs=1e-5)
-    assert (out / "progadv-scorer-best" / "progadv_config.json").exists()
+    assert (out / "_progadv" / "scorer-best" / "progadv_config.json").exists()
 
 
 def test_grpo_beta_positive_uses_trl_reference(model_dir, dataset, tmp_path):
@@ -84,12 +84,12 @@ def test_dapo_beta_zero_snapshot_reference(model_dir, dataset, tmp_path):
     assert trainer.ref_model is None
     cb = run(trainer, reference_placement="cpu")
     out = tmp_path / "out"
-    assert cb.monitor.reference.kind == "snapshot" and (out / "progadv-reference" / "config.json").exists()
+    assert cb.monitor.reference.kind == "snapshot" and (out / "_progadv" / "reference" / "config.json").exists()
     h = history(out)
     assert h[0]["beta"] == 1.0 and h[-1]["progadv/kl/mean"] > 0
     # the snapshot is the initial policy
     init = AutoModelForCausalLM.from_pretrained(model_dir)
-    snap = AutoModelForCausalLM.from_pretrained(out / "progadv-reference")
+    snap = AutoModelForCausalLM.from_pretrained(out / "_progadv" / "reference")
     assert all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), snap.state_dict().values()))
     assert_exported_equals_last_evaluation(cb, out)
 
@@ -105,7 +105,7 @@ def test_peft_fresh_adapter_uses_adapters_off(model_dir, dataset, tmp_path, beta
     assert cb.monitor.reference.kind == "adapters_off" and trainer.ref_model is None
     out = tmp_path / "out"
     assert history(out)[-1]["progadv/weight_drift"] > 0
-    assert (out / "progadv-scorer" / "policy" / "adapter_config.json").exists()
+    assert (out / "_progadv" / "scorer" / "policy" / "adapter_config.json").exists()
     assert_exported_equals_last_evaluation(cb, out)
 
 
@@ -231,3 +231,117 @@ def test_user_sampler_for_multi_turn_environments(model_dir, dataset, tmp_path):
     trainer.train()
     assert len(calls) == 2 and not any(calls)  # train begin and step 2, each with the policy in eval mode
     assert len(cb.monitor.last_results) == 4
+
+
+# ---------------------------------------------------------------------------------- interval, log rows, exports
+def rows_with(trainer, key="progadv/score/mean"):
+    return [r for r in trainer.state.log_history if key in r]
+
+
+def test_interval_follows_the_trainers_eval_steps(model_dir, dataset, tmp_path):
+    """No eval_steps in the progadv config: the trainer's eval_strategy="steps" interval (4), not every step."""
+    args = GRPOConfig(**grpo_args(tmp_path, beta=0.04, max_steps=8, logging_steps=1, eval_strategy="steps",
+                                  eval_steps=4, per_device_eval_batch_size=4))
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset,
+                          eval_dataset=dataset.select(range(4)))
+    cb = run(trainer, log_baselines=False, export=False)
+    assert cb.eval_steps == 4
+    assert [e["step"] for e in history(tmp_path / "out")] == [0, 4, 8]
+
+
+def test_interval_resolves_a_fraction_of_max_steps(model_dir, dataset, tmp_path):
+    args = GRPOConfig(**grpo_args(tmp_path, beta=0.04, max_steps=4, logging_steps=0.5))
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset)
+    cb = run(trainer, log_baselines=False, export=False)
+    assert cb.eval_steps == 2 and [e["step"] for e in history(tmp_path / "out")] == [0, 2, 4]
+
+
+def assert_every_evaluation_logged(trainer, out):
+    """Each evaluation of the history reaches the trainer's log rows at its own step, exactly once."""
+    for entry in history(out):
+        rows = [r for r in rows_with(trainer) if r["step"] == entry["step"]]
+        assert len(rows) == 1, (entry["step"], [r["step"] for r in rows_with(trainer)])
+        assert rows[0]["progadv/score/mean"] == pytest.approx(entry["progadv/score/mean"], abs=1e-6)
+
+
+@pytest.mark.parametrize("logging_steps,stop", [(1, None), (3, None), (1, 3)])
+def test_every_evaluation_reaches_the_logs(model_dir, dataset, tmp_path, logging_steps, stop):
+    """Step 0 gets its own row (not overwritten by the next evaluation); steps without a trainer row and the final
+    evaluation of a run stopped early (StopAt) get theirs; steps with a row carry the metrics beside GRPO's."""
+    args = GRPOConfig(**grpo_args(tmp_path, beta=0.04, max_steps=4, logging_steps=logging_steps))
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset)
+    cb = ProgressAdvantageCallback(trainer=trainer, config=ProgressAdvantageConfig(
+        heldout=sample_trajectories(), eval_steps=2, log_baselines=False, export=False))
+    trainer.add_callback(cb)
+    if stop:
+        trainer.add_callback(StopAt(stop))
+    trainer.train()
+    out = tmp_path / "out"
+    assert [e["step"] for e in history(out)] == ([0, 2, 4] if stop is None else [0, 2, 3])
+    assert_every_evaluation_logged(trainer, out)
+    assert not any(k.startswith("progadv/") for k in trainer._metrics["train"])  # nothing left behind
+    if logging_steps == 1:  # rows that the trainer writes anyway carry the metrics beside GRPO's own keys
+        assert all("reward" in r for r in rows_with(trainer) if r["step"] == 2)
+
+
+def test_plain_trainer_without_metric_store_gets_rows(model_dir, tmp_path):
+    """A transformers Trainer (no GRPO _metrics store): every evaluation becomes a row of its own."""
+    from transformers import Trainer, TrainingArguments
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ids = tok("What is 1 + 1? It is 2.")["input_ids"]
+    data = Dataset.from_list([{"input_ids": ids, "labels": ids} for _ in range(8)])
+    trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(model_dir), processing_class=tok, train_dataset=data,
+                      args=TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=2, logging_steps=1,
+                                             per_device_train_batch_size=2, use_cpu=True, report_to="none",
+                                             save_strategy="no"))
+    assert not hasattr(trainer, "_metrics")
+    run(trainer, log_baselines=False, export=False)
+    assert_every_evaluation_logged(trainer, tmp_path / "out")
+
+
+class DiskWatch(TrainerCallback):
+    """Records, after each training step, the bytes under the output folder (exports happen at train end)."""
+
+    def __init__(self, root):
+        self.root, self.sizes = root, []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.sizes.append(sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file()))
+
+
+@pytest.mark.parametrize("best_export", ["end", "every_best"])
+def test_exports_stay_out_of_the_hub_upload_and_best_is_written_once(model_dir, dataset, tmp_path, best_export):
+    from fnmatch import fnmatch
+
+    args = GRPOConfig(**grpo_args(tmp_path, beta=0.0, learning_rate=5e-2, logging_steps=1))
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset)
+    out = tmp_path / "out"
+    watch = DiskWatch(out)
+    cb = ProgressAdvantageCallback(trainer=trainer, config=ProgressAdvantageConfig(
+        heldout=sample_trajectories(), eval_steps=1, best_export=best_export, log_baselines=False))
+    trainer.add_callback(cb)
+    trainer.add_callback(watch)
+    trainer.train()
+    # what Trainer.push_to_hub would upload (it skips "_*" and "checkpoint-*"): no model copy of ours
+    uploaded = [p for p in out.iterdir() if not any(fnmatch(p.name, pat) for pat in ("_*", "checkpoint-*"))]
+    assert [p.name for p in uploaded] == ["progadv-history.jsonl"]
+    h = history(out)
+    growth = [b - a for a, b in zip(watch.sizes, watch.sizes[1:])]
+    if best_export == "end":  # nothing but history lines written between evaluations
+        assert max(growth) < 10_000, growth
+    loaded = ProgressAdvantageScorer.from_pretrained(out / "_progadv" / "scorer-best")
+    assert loaded.provenance["step"] == cb.monitor.detector.best_step
+    mean = sum(r.score for r in loaded.score(sample_trajectories())) / len(sample_trajectories())
+    entry = next(e for e in h if e["step"] == cb.monitor.detector.best_step)
+    assert mean == pytest.approx(entry["progadv/score/mean"], abs=1e-5)
+    # the live policy holds the final weights again after the best export
+    assert_exported_equals_last_evaluation(cb, out)
+
+
+def test_export_dir_can_name_an_uploaded_folder(model_dir, dataset, tmp_path):
+    args = GRPOConfig(**grpo_args(tmp_path, beta=0.04, max_steps=2))
+    trainer = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset)
+    run(trainer, export_dir="scorers", log_baselines=False)
+    assert (tmp_path / "out" / "scorers" / "scorer" / "progadv_config.json").exists()
+    assert not (tmp_path / "out" / "_progadv").exists()

@@ -50,7 +50,7 @@ def test_demo_writes_the_report(tmp_path, capsys):
     assert [c["step"] for c in saved["runs"]["grpo"]["checkpoints"]] == [1, 2]
     assert saved["runs"]["dapo"]["score_beta"] == 1.0
     assert [h["step"] for h in saved["runs"]["grpo"]["callback_history"]] == [0, 1, 2]
-    assert (tmp_path / "grpo" / "progadv-scorer").is_dir()
+    assert (tmp_path / "grpo" / "_progadv" / "scorer").is_dir()
     drift = (report / "drift.md").read_text()
     assert "| grpo | 1 |" in drift and "| dapo | 1 |" in drift
     try:

@@ -39,7 +39,7 @@ def test_two_process_grpo_matches_single_process_metrics(tmp_path):
     assert [h["step"] for h in history] == [0, 1, 2]  # written once (rank 0), not once per rank
     assert history[-1]["progadv/n_trajectories"] == 4
     # the same final policy and reference, evaluated in this single process
-    scorer = ProgressAdvantageScorer.from_pretrained(tmp_path / "out" / "progadv-scorer")
+    scorer = ProgressAdvantageScorer.from_pretrained(tmp_path / "out" / "_progadv" / "scorer")
     monitor = ProgressAdvantageMonitor(scorer.reference, scorer.tokenizer,
                                        ProgressAdvantageConfig(log_baselines=False, export=False),
                                        heldout=sample_trajectories())

@@ -17,7 +17,7 @@ def test_progadv_train_from_yaml(tmp_path):
                  "--max-steps", "2"]) == 0
     hist = [json.loads(x) for x in (tmp_path / "progadv-history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [0, 2]
-    assert (tmp_path / "progadv-scorer" / "progadv_config.json").exists()
+    assert (tmp_path / "_progadv" / "scorer" / "progadv_config.json").exists()
 
 
 def test_ppo_custom_loop_example(tmp_path, monkeypatch, capsys):

@@ -12,7 +12,7 @@ Phases (each prints a line; the long ones show progress):
    is saved at the configured checkpoints;
 4. the same with ``beta = 0`` and ``loss_type="dapo"`` (TRL's default), read with beta = 1;
 5. every checkpoint samples fresh episodes (fixed seed, groups of 8 per task), labelled with the exact ``A*``; the
-   final policy's are scored by the EXPORTED scorer (``progadv-scorer``) with every baseline;
+   final policy's are scored by the EXPORTED scorer (``_progadv/scorer``) with every baseline;
 6. the report folder (:mod:`~progadv_trl.envs.report`): ``metrics.json``, ``table.md``, ``drift.md`` and plots.
 
 The reference and the reference's reply probabilities are cached under ``<output_dir>/cache/`` by a hash of what
@@ -153,7 +153,7 @@ def _callbacks():
 def train_run(run: RunConfig, ref_dir: Path, run_dir: Path, env, heldout, cfg: DemoConfig):
     """GRPO from the reference with the progress-advantage callback; returns the trainer.
 
-    Writes ``run_dir/progadv-history.jsonl``, ``run_dir/progadv-scorer`` and ``run_dir/checkpoints/step-<n>``.
+    Writes ``run_dir/progadv-history.jsonl``, ``run_dir/_progadv/scorer`` and ``run_dir/checkpoints/step-<n>``.
     """
     from ..callback import ProgressAdvantageCallback
     from ..config import ProgressAdvantageConfig
@@ -213,7 +213,7 @@ def evaluate_run(run: RunConfig, run_dir: Path, ref_dir: Path, env, labels: Exac
     out: dict = {"checkpoints": []}
     for step in run.checkpoints:
         if step == run.steps:
-            scorer = ProgressAdvantageScorer.from_pretrained(run_dir / "progadv-scorer")
+            scorer = ProgressAdvantageScorer.from_pretrained(run_dir / "_progadv" / "scorer")
         else:
             scorer = ProgressAdvantageScorer.from_models(
                 run_dir / "checkpoints" / f"step-{step}", ref_dir, beta=run.score_beta, temperature=cfg.temperature,
