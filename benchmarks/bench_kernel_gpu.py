@@ -98,7 +98,7 @@ def _ours(stats):
     def run(hp, wp, hr, wr, targets, args):
         from progadv_trl.kernels import two_model_token_stats
 
-        return two_model_token_stats(hp, wp, hr, wr, targets, stats=stats, top_k=args.top_k)
+        return two_model_token_stats(hp, wp, hr, wr, targets, stats=stats, top_k=args.top_k, backend="triton")
     return run
 
 
