@@ -33,6 +33,7 @@ from transformers import TrainerCallback
 from .config import ProgressAdvantageConfig
 from .monitor import ProgressAdvantageMonitor
 from .reference import resolve_reference
+from .sharding import check_supported
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "progadv_state.json"
@@ -162,6 +163,7 @@ class ProgressAdvantageCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if self.config.eval_steps is None:
             self.eval_steps = _trainer_eval_steps(args, state)
+        check_supported(self.trainer.model, getattr(self.trainer, "ref_model", None), trainer=self.trainer)
         output_dir = Path(args.output_dir)
         export_dir = export_root(self.config, output_dir)
         resumed = _resumed_state(output_dir, state.global_step)

@@ -36,6 +36,7 @@ from .models import CachedView, ModelView
 from .reference import Reference
 from .results import METHOD, evaluation_table
 from .scorer import ProgressAdvantageScorer
+from .sharding import check_supported
 
 logger = logging.getLogger(__name__)
 HISTORY_FILE = "progadv-history.jsonl"
@@ -125,6 +126,7 @@ class ProgressAdvantageMonitor:
         temperature = self.config.temperature if temperature is None else temperature
         beta = self.config.beta if beta is None else beta
         model = policy.model if isinstance(policy, ModelView) else policy
+        check_supported(model, None if self.reference._view is None else self.reference._view.model)
         was_training = model.training
         model.eval()
         try:
