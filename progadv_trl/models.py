@@ -8,7 +8,6 @@ runs no remote code unless ``trust_remote_code=True``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import os
 from dataclasses import dataclass
@@ -189,20 +188,6 @@ def load_tokenizer(source, *, trust_remote_code: bool = False):
 def name_or_path(model) -> str | None:
     base = unwrap(model)
     return getattr(base.config, "_name_or_path", None) or None
-
-
-def weights_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 over a folder's ``.safetensors`` files (sorted by name): the identity of a reference checkpoint."""
-    digest = hashlib.sha256()
-    files = sorted(p for p in Path(path).iterdir() if p.suffix in WEIGHT_SUFFIXES)
-    if not files:
-        raise ValueError(f"{path}: no .safetensors files to hash")
-    for f in files:
-        digest.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 class CachedView:

@@ -6,21 +6,26 @@ Two renderings:
   the assistant header the template writes (``<|im_start|>assistant\\n`` for Qwen; the policy never sampled it) and
   ends after the end-of-turn token (``<|im_end|>``; the policy did sample it), so it holds everything the policy
   generated for that turn: reasoning block, content, rendered tool calls.
-* ``"plain"`` (the paper authors' convention): BOS, then ``[role]: content`` per message (``[name]`` when the message
-  names its agent), tool calls appended as ``tool_call(name, arguments)`` lines, messages joined by newlines; the
-  ``[role]:`` header is inside the step's span.
+* ``"plain"``: the paper authors' convention, exactly (``compat="authors"`` uses it): each message becomes one text,
+  ``"\\n"`` (except the first) + ``[role]: `` + body, and is tokenized on its own (no special tokens); the ids are
+  concatenated after BOS (when the tokenizer has one). An assistant message's body is its content, then one
+  ``tool_call(name, arguments)`` line per tool call (the arguments as Python's ``str()`` prints them: a dict with
+  single quotes), the whole stripped, or ``[assistant action]`` when nothing is left; other messages' bodies are their
+  content as is. Who&When logs from :func:`~progadv_trl.loaders.load_trajectories` render their ``history`` only (not
+  the prepended question), with each entry's original role string as the tag and the content unstripped. A step's span
+  is every token of its message's text, separator and tag included.
 
-The rendered text is cut into segments at span boundaries and each segment is tokenized on its own, so a step's
-tokens decode exactly to its text, whatever the tokenizer merges across boundaries. Long sequences are cut from the
-left and the cut is recorded.
+Either way each step's text is tokenized on its own (the chat template's text is cut into segments at span boundaries),
+so a step's tokens decode exactly to its text, whatever the tokenizer merges across boundaries. A ``step_separator``
+cuts a step's text into parts, each tokenized on its own (in ``"plain"`` the first part holds the separator and the
+tag). Long sequences are cut from the left (BOS included) and the cut is recorded.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
-from .data import Message, ProgadvDataError, Trajectory
+from .data import Message, ProgadvDataError, Trajectory  # noqa: F401 (ProgadvDataError: raised via Trajectory.error)
 
 
 @dataclass
@@ -75,26 +80,56 @@ def _split_parts(start: int, end: int, content_start: int, content: str, separat
     return cuts + [end]
 
 
+ACTION_PLACEHOLDER = "[assistant action]"
+_WHOWHEN_SUBSETS = ("Hand-Crafted", "Algorithm-Generated")
+
+
 def _tool_call_line(call) -> str:
-    args = call.arguments if isinstance(call.arguments, str) else json.dumps(call.arguments, ensure_ascii=False)
-    return f"tool_call({call.name}, {args})"
+    return f"tool_call({call.name}, {call.arguments})"  # str(): a dict prints with single quotes
 
 
-def _plain_segments(traj: Trajectory, tokenizer, separator: str | None) -> list[tuple[str, int, int]]:
-    """Segments ``(text, message_index, part)`` with message_index -1 for context."""
+def _whowhen_roles(traj: Trajectory) -> tuple[int, list[str]] | None:
+    """``(history_offset, original role per history entry)`` of a Who&When log read by the loader, else ``None``."""
+    meta = traj.metadata
+    offset = meta.get("history_offset")
+    if meta.get("subset") not in _WHOWHEN_SUBSETS or not isinstance(offset, int) or offset < 0:
+        return None
+    roles = meta.get("history_roles")
+    if not (isinstance(roles, list) and len(roles) == len(traj.messages) - offset):  # older exports: names
+        roles = [m.name or m.role for m in traj.messages[offset:]]
+    return offset, roles
+
+
+def plain_texts(traj: Trajectory) -> list[tuple[int, str, int]]:
+    """The ``"plain"`` rendering: ``(message_index, text, body_start)`` per rendered message, in order."""
+    steps = set(traj.steps)
+    whowhen = _whowhen_roles(traj)
+    out: list[tuple[int, str, int]] = []
+    for i, m in enumerate(traj.messages):
+        if whowhen is not None:
+            offset, roles = whowhen
+            if i < offset and i not in steps:  # the question the loader prepends: not in the log's history
+                continue
+            tag, body = (roles[i - offset] if i >= offset else m.role), m.content
+        elif m.role == "assistant":
+            calls = "\n".join(_tool_call_line(c) for c in m.tool_calls)
+            tag, body = m.role, (m.content + ("\n" + calls if calls else "")).strip() or ACTION_PLACEHOLDER
+        else:
+            tag, body = m.role, m.content
+        head = f"{chr(10) if out else ''}[{tag}]: "
+        out.append((i, head + body, len(head)))
+    return out
+
+
+def _plain_segments(traj: Trajectory, separator: str | None) -> list[tuple[str, int, int]]:
+    """Segments ``(text, message_index, part)`` with message_index -1 for context (BOS is added by the caller)."""
     steps = set(traj.steps)
     segs: list[tuple[str, int, int]] = []
-    if tokenizer.bos_token:
-        segs.append((tokenizer.bos_token, -1, 0))
-    for i, m in enumerate(traj.messages):
-        if i:
-            segs.append(("\n", -1, 0))
-        header = f"[{m.name or m.role}]: "
-        text = header + m.content + "".join("\n" + _tool_call_line(c) for c in m.tool_calls)
+    for i, text, body_start in plain_texts(traj):
         if i not in steps:
             segs.append((text, -1, 0))
             continue
-        cuts = _split_parts(0, len(text), len(header), m.content, separator)
+        cuts = _split_parts(0, len(text), body_start, text[body_start:], separator)
         segs.extend((text[a:b], i, p) for p, (a, b) in enumerate(zip(cuts, cuts[1:])))
     return segs
 
@@ -113,8 +148,8 @@ def _chat_segments(traj: Trajectory, tokenizer, separator: str | None, header: s
     try:
         full = tokenizer.apply_chat_template(chat, tools=tools, tokenize=False)
     except Exception as e:  # Jinja errors: name the record, not the template internals
-        raise ProgadvDataError(f"the chat template failed to render this trajectory: {type(e).__name__}: {e}",
-                               record=traj.id, field="messages") from None
+        raise traj.error(f"the chat template failed to render this trajectory: {type(e).__name__}: {e}",
+                         field="messages") from None
     eos = tokenizer.eos_token or ""
     steps = set(traj.steps)
     segs: list[tuple[str, int, int]] = []
@@ -129,9 +164,9 @@ def _chat_segments(traj: Trajectory, tokenizer, separator: str | None, header: s
         start = hpos + len(header) if hpos >= 0 else cursor
         c = full.find(m.content, start)
         if c < 0:
-            raise ProgadvDataError(
+            raise traj.error(
                 "the chat template does not render this action's content verbatim; score it with rendering='plain'",
-                record=traj.id, field=f"messages[{i}].content")
+                field=f"messages[{i}].content")
         if hpos < 0:
             start = c
         content_end = c + len(m.content)
@@ -174,12 +209,13 @@ class TrajectoryTokenizer:
 
     def segments(self, traj: Trajectory) -> list[tuple[str, int, int]]:
         if self.rendering == "plain":
-            return _plain_segments(traj, self.tokenizer, self.step_separator)
+            return _plain_segments(traj, self.step_separator)
         return _chat_segments(traj, self.tokenizer, self.step_separator, self._header)
 
     def __call__(self, traj: Trajectory) -> TokenizedTrajectory:
-        ids: list[int] = []
-        step_index: list[int] = []
+        bos = self.tokenizer.bos_token_id if self.rendering == "plain" else None
+        ids: list[int] = [] if bos is None else [bos]
+        step_index: list[int] = [-1] * len(ids)
         steps: list[tuple[int, int]] = []
         texts: list[str] = []
         lengths: list[int] = []

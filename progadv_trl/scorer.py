@@ -2,42 +2,28 @@
 
 It composes the layers below: :mod:`~progadv_trl.rendering` (tokens and step spans), :mod:`~progadv_trl.token_statistics`
 (hidden states through the fused kernel), :mod:`~progadv_trl.results` (advantages, baselines, uses). It also saves
-and loads itself (:meth:`save_pretrained` / :meth:`from_pretrained`): safetensors only, no remote code unless asked,
-atomic writes.
+and loads itself (:meth:`save_pretrained` / :meth:`from_pretrained`, implemented in :mod:`~progadv_trl.persistence`):
+safetensors only, no remote code unless asked, atomic writes, every score-relevant file hashed and verified on load.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from . import __version__
 from .baselines import random_scores
-from .config import CONFIG_VERSION, ProgressAdvantageConfig
+from .config import ProgressAdvantageConfig
 from .data import Trajectory
-from .models import (ModelView, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer, name_or_path,
-                     strip_wrappers, unwrap, weights_sha256)
+from .models import ModelView, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer, name_or_path
+from .persistence import (CONFIG_NAME, POLICY_DIR, REFERENCE_ADAPTER_DIR, REFERENCE_DIR,  # noqa: F401 (re-exported)
+                          REFERENCE_TOKENIZER_DIR, check_override_names, load_scorer, save_scorer)
 from .rendering import TrajectoryTokenizer, same_tokenization
 from .results import TrajectoryScore, attribute, choose_best_of_n, evaluation_table, score_trajectory
 from .token_statistics import compute_token_stats
-
-CONFIG_NAME = "progadv_config.json"
-POLICY_DIR, REFERENCE_DIR, REFERENCE_TOKENIZER_DIR = "policy", "reference", "reference_tokenizer"
-REFERENCE_ADAPTER_DIR = "reference_adapter"
-
-
-def _sha256_text(text: str | None) -> str | None:
-    import hashlib
-
-    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
-
 
 class ProgressAdvantageScorer:
     """Scores trajectories step by step with ``beta * (log pi - log pi_ref)`` and reports baselines beside it.
@@ -51,6 +37,9 @@ class ProgressAdvantageScorer:
         results[0].score, [s.advantage for s in results[0].steps]
         ```
     """
+
+    #: SHA-256 naming the exported scorer (its config, metadata and manifest), set by save/load; see persistence.
+    digest: str | None = None
 
     def __init__(self, policy: ModelView, reference: ModelView, tokenizer, reference_tokenizer=None,
                  config: ProgressAdvantageConfig | None = None, provenance: dict | None = None):
@@ -183,129 +172,40 @@ class ProgressAdvantageScorer:
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(self, save_directory: str | os.PathLike, *, reference: str = "copy") -> Path:
-        """Write the scorer to ``save_directory`` atomically.
+        """Write the scorer to ``save_directory`` atomically, with a manifest of every file (see
+        :mod:`~progadv_trl.persistence`).
 
-        Layout: ``progadv_config.json``; ``policy/`` (full weights and tokenizer, or only the PEFT adapter);
-        ``reference/`` (full weights) unless the reference is the adapter's base (then the base is saved there once)
-        or ``reference="link"`` (only its local path and the SHA-256 of its safetensors files, verified on load);
-        ``reference_tokenizer/`` when the reference tokenizes differently.
+        Layout: ``progadv_config.json`` (config, metadata, manifest, digest); ``policy/`` (full weights and
+        tokenizer, or only the PEFT adapter); ``reference/`` (full weights) unless ``reference="link"`` (then only
+        the reference folder's path and the hashes of its score-relevant files are recorded, and loading needs
+        that folder passed explicitly); ``reference_adapter/`` / ``reference_tokenizer/`` when needed.
+
+        Refuses a symlink, a file, or a non-empty folder that is not a scorer; overwriting a scorer keeps its other
+        top-level files (carried over) and refuses unknown files inside its model folders.
         """
-        if reference not in ("copy", "link"):
-            raise ValueError(f"reference={reference!r}: expected 'copy' or 'link'")
-        target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _recover(target)
-        stale_dirs = [*target.parent.glob(f".{target.name}.tmp-*"), *target.parent.glob(f".{target.name}.old-*")]
-        for stale in stale_dirs:  # left by a killed save (the target itself is whole: _recover ran)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
-            meta = self._write(tmp, reference)
-            (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
-            _atomic_swap(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return target
-
-    def _write(self, tmp: Path, reference_mode: str) -> dict:
-        policy_model = strip_wrappers(self.policy.model)
-        ref_view = self.reference
-        meta: dict[str, Any] = {"config": self.config.to_dict(), "library": "progadv-trl",
-                                "library_version": __version__, "config_version": CONFIG_VERSION,
-                                "provenance": self.provenance,
-                                "chat_template_sha256": _sha256_text(getattr(self.tokenizer, "chat_template", None))}
-        shares_base = ref_view.model is self.policy.model and ref_view.adapter is not None
-        if is_peft_model(policy_model):
-            adapter = self.policy.adapter or policy_model.active_adapter
-            policy_model.save_pretrained(str(tmp / POLICY_DIR), selected_adapters=[adapter])
-            src = tmp / POLICY_DIR / adapter if adapter != "default" else tmp / POLICY_DIR
-            meta["policy"] = {"kind": "peft_adapter", "path": os.path.relpath(src, tmp)}
-        else:
-            policy_model.save_pretrained(str(tmp / POLICY_DIR), safe_serialization=True)
-            meta["policy"] = {"kind": "full", "path": POLICY_DIR}
-        self.tokenizer.save_pretrained(str(tmp / POLICY_DIR))
-        if shares_base:  # the reference is the policy's base, adapters off or with a frozen adapter of its own
-            base = unwrap(policy_model)
-            ref_meta = {"kind": "adapter_base"}
-            if ref_view.adapter != "off":
-                policy_model.save_pretrained(str(tmp / REFERENCE_ADAPTER_DIR), selected_adapters=[ref_view.adapter])
-                ref_meta["adapter_path"] = os.path.relpath(tmp / REFERENCE_ADAPTER_DIR / ref_view.adapter, tmp)
-        else:
-            base = unwrap(ref_view.model)
-            ref_meta = {"kind": "full"}
-        if reference_mode == "link":
-            src = name_or_path(base)
-            if not src or not Path(src).is_dir():
-                raise ValueError("reference='link' needs a reference loaded from a local folder; got "
-                                 f"{src!r}. Use reference='copy'")
-            ref_meta.update(path=str(Path(src).resolve()), sha256=weights_sha256(src), linked=True)
-        else:
-            if shares_base:
-                with policy_model.disable_adapter():
-                    _save_plain_base(base, tmp / REFERENCE_DIR)
-            else:
-                base.save_pretrained(str(tmp / REFERENCE_DIR), safe_serialization=True)
-            ref_meta.update(path=REFERENCE_DIR, sha256=weights_sha256(tmp / REFERENCE_DIR), linked=False)
-        meta["reference"] = ref_meta
-        if self.reference_tokenizer is not None:
-            self.reference_tokenizer.save_pretrained(str(tmp / REFERENCE_TOKENIZER_DIR))
-            meta["reference_tokenizer"] = REFERENCE_TOKENIZER_DIR
-        return meta
+        return save_scorer(self, save_directory, reference)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+    def from_pretrained(cls, directory: str | os.PathLike, *, reference: str | os.PathLike | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+                        trust_remote_code: bool = False, expected_digest: str | None = None,
                         **config_overrides) -> "ProgressAdvantageScorer":
-        """Load a scorer saved by :meth:`save_pretrained` (config fields can be overridden by keyword)."""
-        root = Path(directory)
-        _recover(root)
-        meta_path = root / CONFIG_NAME
-        if not meta_path.is_file():
-            raise FileNotFoundError(f"{root}: not a progadv scorer (missing {CONFIG_NAME})")
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        except ValueError as e:
-            raise ValueError(f"{meta_path}: invalid JSON: {e}") from None
-        version = meta.get("config_version")
-        if not isinstance(version, int) or version > CONFIG_VERSION:
-            raise ValueError(f"{meta_path}: field 'config_version': {version!r} is newer than this progadv-trl "
-                             f"supports ({CONFIG_VERSION}); upgrade progadv-trl")
-        config = _with_overrides(ProgressAdvantageConfig.from_dict(meta["config"], source=str(meta_path)),
-                                 config_overrides)
-        ref_meta, pol_meta = meta["reference"], meta["policy"]
-        if ref_meta.get("linked"):
-            ref_path = Path(ref_meta["path"])
-        else:
-            ref_path = _inside(root, ref_meta["path"], meta_path, "reference.path")
-        if not ref_path.is_dir():
-            raise FileNotFoundError(f"{meta_path}: field 'reference.path': {ref_path} does not exist")
-        found = weights_sha256(ref_path)
-        if found != ref_meta.get("sha256"):
-            raise ValueError(f"{meta_path}: field 'reference.sha256': the reference weights at {ref_path} do not "
-                             f"match the recorded hash (recorded {ref_meta.get('sha256')}, found {found})")
-        pol_path = _inside(root, pol_meta["path"], meta_path, "policy.path")
-        tok_path = _inside(root, POLICY_DIR, meta_path, "policy")
-        kw = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code}
-        if pol_meta["kind"] == "peft_adapter":
-            policy_model = load_causal_lm(pol_path, adapter_base=ref_path, **kw)
-            if ref_meta["kind"] != "adapter_base":
-                reference = ModelView(load_causal_lm(ref_path, **kw))
-            elif ref_meta.get("adapter_path"):
-                policy_model.load_adapter(str(_inside(root, ref_meta["adapter_path"], meta_path, "reference.adapter_path")),
-                                          adapter_name="reference", is_trainable=False)
-                reference = ModelView(policy_model, adapter="reference")
-            else:
-                reference = ModelView(policy_model, adapter="off")
-        else:
-            policy_model = load_causal_lm(pol_path, **kw)
-            reference = ModelView(load_causal_lm(ref_path, **kw))
-        tokenizer = load_tokenizer(tok_path, trust_remote_code=trust_remote_code)
-        ref_tok = None
-        if meta.get("reference_tokenizer"):
-            ref_tok = load_tokenizer(_inside(root, meta["reference_tokenizer"], meta_path, "reference_tokenizer"),
-                                     trust_remote_code=trust_remote_code)
-        return cls(ModelView(policy_model), reference, tokenizer, ref_tok, config, meta.get("provenance"))
+        """Load a scorer saved by :meth:`save_pretrained`, after verifying every file against its manifest.
+
+        Args:
+            reference: the reference folder of a scorer saved with ``reference="link"`` (required then, verified
+                against the recorded hashes; refused otherwise).
+            expected_digest: refuse the folder unless its :attr:`digest` is this (pin an export you trust).
+            config_overrides: config fields to change (only those named; the rest keep their saved values).
+        """
+        check_override_names(config_overrides)
+        parts = load_scorer(directory, reference=reference, device=device, dtype=dtype,
+                            trust_remote_code=trust_remote_code, expected_digest=expected_digest,
+                            make_config=lambda saved: _with_overrides(saved, config_overrides))
+        digest = parts.pop("digest")
+        scorer = cls(**parts)
+        scorer.digest = digest
+        return scorer
 
 
 _STAT_OF_BASELINE = {"self_certainty": "self_certainty", "neg_entropy": "entropy", "deepconf_mean": "topk_confidence",
@@ -316,45 +216,6 @@ _STAT_OF_BASELINE = {"self_certainty": "self_certainty", "neg_entropy": "entropy
 def _policy_stats_for(baselines: Sequence[str]) -> tuple[str, ...]:
     """The policy statistics the requested baselines need, beside the log-prob (a top-k fold costs the most)."""
     return tuple(dict.fromkeys(["logprob", *(_STAT_OF_BASELINE[b] for b in baselines if b in _STAT_OF_BASELINE)]))
-
-
-def _save_plain_base(base, path: Path) -> None:
-    """Save a PEFT model's base weights without the LoRA layers (adapters are disabled by the caller)."""
-    state = {k.replace("base_layer.", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
-    clone = type(base)(base.config)
-    clone.load_state_dict(state)
-    clone.save_pretrained(str(path), safe_serialization=True)
-
-
-def _inside(root: Path, rel: str, meta_path: Path, field: str) -> Path:
-    path = (root / rel).resolve()
-    if root.resolve() not in (path, *path.parents):
-        raise ValueError(f"{meta_path}: field '{field}': {rel!r} escapes the scorer directory")
-    return path
-
-
-def _recover(target: Path) -> None:
-    """Put back the previous export if a save was killed between moving it aside and moving the new one in."""
-    if target.exists():
-        return
-    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
-    if olds and (olds[-1] / CONFIG_NAME).exists():
-        os.replace(olds[-1], target)
-
-
-def _atomic_swap(tmp: Path, target: Path) -> None:
-    """Move ``tmp`` to ``target``; an existing ``target`` stays whole until the new one is in place."""
-    if not target.exists():
-        os.replace(tmp, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, old)
-    try:
-        os.replace(tmp, target)
-    except BaseException:
-        os.replace(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pad_id(tokenizer) -> int:
@@ -379,5 +240,10 @@ def _tokenizer_for(source, model, trust_remote_code: bool):
 def _with_overrides(config: ProgressAdvantageConfig | None, overrides: dict) -> ProgressAdvantageConfig:
     import dataclasses
 
-    config = config or ProgressAdvantageConfig()
-    return dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None}) if overrides else config
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if config is None:
+        return ProgressAdvantageConfig(**overrides)
+    if (overrides.get("compat", config.compat) != config.compat and "token_agg" not in overrides
+            and config.token_agg == ("mean" if config.compat == "authors" else "sum")):
+        overrides["token_agg"] = None  # the old compat's default: take the new one's (authors: mean), not "sum"
+    return dataclasses.replace(config, **overrides) if overrides else config

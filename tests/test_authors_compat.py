@@ -245,3 +245,16 @@ def test_released_whowhen_logs(tiny_dir, models, tid):
     (result,) = _scorer(tiny_dir, tiny_dir / "reference", max_length=1024).score([traj])
     log = json.loads(path.read_text(encoding="utf-8"))
     _check(result, paper_steps(models["policy"], models["reference"], whowhen_texts(log["history"], split), 1024))
+
+
+def test_compat_given_as_an_override_takes_its_mean_default(tiny_dir):
+    """``from_models(config=..., compat="authors")`` (the CLI's ``--compat authors``) aggregates by mean, not sum."""
+    from progadv_trl import ProgressAdvantageConfig
+
+    def token_agg(**kw):
+        return ProgressAdvantageScorer.from_models(tiny_dir / "policy", tiny_dir / "reference", **kw).config.token_agg
+
+    assert token_agg(compat="authors") == "mean"
+    assert token_agg(config=ProgressAdvantageConfig(), compat="authors") == "mean"
+    assert token_agg(config=ProgressAdvantageConfig(), compat="authors", token_agg="min") == "min"
+    assert token_agg(config=ProgressAdvantageConfig(token_agg="last"), compat="authors") == "last"

@@ -2,7 +2,7 @@
 
 import pytest
 
-from progadv_trl.data import Message, Trajectory
+from progadv_trl.data import Message, ToolCall, Trajectory
 from progadv_trl.rendering import TrajectoryTokenizer, generation_header, same_tokenization
 from progadv_trl.tiny import build_tokenizer
 
@@ -55,14 +55,33 @@ def test_plain_rendering_is_the_authors_convention(tok):
     assert tok.decode(out.input_ids) == (
         "<|endoftext|>[user]: Book the cheapest flight.\n[assistant]: I book the first flight.\n"
         "[tool]: booked, 120 euros\n[assistant]: Done.")
-    assert out.step_texts == ["[assistant]: I book the first flight.", "[assistant]: Done."]
+    assert out.input_ids[0] == tok.bos_token_id
+    # a step is all of its message's text: separator, tag and body; each message is tokenized on its own
+    assert out.step_texts == ["\n[assistant]: I book the first flight.", "\n[assistant]: Done."]
+    pieces = ["[user]: Book the cheapest flight.", "\n[assistant]: I book the first flight.",
+              "\n[tool]: booked, 120 euros", "\n[assistant]: Done."]
+    assert out.input_ids == [tok.bos_token_id] + [i for p in pieces for i in tok.encode(p, add_special_tokens=False)]
+
+
+def test_plain_tool_calls_and_empty_actions(tok):
+    call = ToolCall("search", {"query": "flights", "n": 2, "ok": True, "x": None})
+    traj = Trajectory([Message("user", "q"), Message("assistant", "  I search.\n", (call,)),
+                       Message("assistant", "", (call, ToolCall("book", '{"id": 1}'))),
+                       Message("assistant", " \n"), Message("tool", "  raw  ", (call,))])
+    out = TrajectoryTokenizer(tok, "plain")(traj)
+    assert out.step_texts == [
+        "\n[assistant]: I search.\n\ntool_call(search, {'query': 'flights', 'n': 2, 'ok': True, 'x': None})",
+        "\n[assistant]: tool_call(search, {'query': 'flights', 'n': 2, 'ok': True, 'x': None})\n"
+        "tool_call(book, {\"id\": 1})",
+        "\n[assistant]: [assistant action]"]
+    assert tok.decode(out.input_ids).endswith("\n[tool]:   raw  ")  # context: content as is, tool calls not shown
 
 
 def test_separator_splits_content_into_parts(tok):
     traj = sample_trajectories()[3]
     out = TrajectoryTokenizer(tok, "plain", "\n\n")(traj)
     assert out.steps == [(1, 0), (1, 1)]
-    assert out.step_texts == ["[assistant]: Step 1: add.\n\n", "The answer is 5."]
+    assert out.step_texts == ["\n[assistant]: Step 1: add.\n\n", "The answer is 5."]
 
 
 def test_left_truncation_is_recorded(tok):
@@ -85,13 +104,22 @@ def test_tokenizer_without_chat_template(tok):
 
 
 def test_who_and_when_style_agents(tok):
+    # outside Who&When, plain renders the role (as the paper code's tau2 rendering): names do not appear
     traj = Trajectory([Message("user", "q"), Message("assistant", "plan", name="Orchestrator (thought)"),
                        Message("assistant", ""), Message("assistant", "page text", name="WebSurfer")],
                       action_indices=(1, 3))
     out = TrajectoryTokenizer(tok, "plain")(traj)
-    assert out.step_texts == ["[Orchestrator (thought)]: plan", "[WebSurfer]: page text"]
+    assert out.step_texts == ["\n[assistant]: plan", "\n[assistant]: page text"]
     out = TrajectoryTokenizer(tok)(traj)
     assert [m for m, _ in out.steps] == [1, 3]
+    # a Who&When log (as the loader builds it): the history only, each entry's original role, content unstripped
+    meta = {"subset": "Algorithm-Generated", "history_offset": 1, "history_roles": ["assistant", "user", "user"]}
+    traj = Trajectory([Message("user", "the question"), Message("assistant", "plan ", name="Expert"),
+                       Message("assistant", " ", name="Computer_terminal"),
+                       Message("assistant", "ok", name="Computer_terminal")], metadata=meta, action_indices=(1, 3))
+    out = TrajectoryTokenizer(tok, "plain")(traj)
+    assert tok.decode(out.input_ids) == "<|endoftext|>[assistant]: plan \n[user]:  \n[user]: ok"
+    assert out.step_texts == ["[assistant]: plan ", "\n[user]: ok"]
 
 
 def test_same_tokenization(tok):

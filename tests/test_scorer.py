@@ -109,11 +109,13 @@ def test_linked_reference_hash_is_verified(tiny_dir, tmp_path):
     scorer = ProgressAdvantageScorer.from_models(tiny_dir / "policy", ref)
     scorer.save_pretrained(tmp_path / "s", reference="link")
     assert not (tmp_path / "s" / "reference").exists()
-    ProgressAdvantageScorer.from_pretrained(tmp_path / "s")
+    with pytest.raises(ValueError, match="pass it explicitly"):  # the folder never picks a path by itself
+        ProgressAdvantageScorer.from_pretrained(tmp_path / "s")
+    ProgressAdvantageScorer.from_pretrained(tmp_path / "s", reference=ref)
     other = AutoModelForCausalLM.from_pretrained(tiny_dir / "policy")
     other.save_pretrained(ref)
-    with pytest.raises(ValueError, match="do not match the recorded hash"):
-        ProgressAdvantageScorer.from_pretrained(tmp_path / "s")
+    with pytest.raises(ValueError, match="does not match the recorded hash"):
+        ProgressAdvantageScorer.from_pretrained(tmp_path / "s", reference=ref)
 
 
 def test_peft_adapter_policy_uses_its_base_as_reference(tiny_dir, tmp_path):
