@@ -4,11 +4,12 @@ Layout (format 2)::
 
     progadv_config.json   scoring config, policy/reference metadata, the manifest ("files") and its "digest"
     policy/               the policy's weights (or PEFT adapter) and its tokenizer
+    policy_base/          the adapter's base weights, when the policy is an adapter whose base is not the reference
     reference/            the reference's weights (absent when the reference is linked)
     reference_adapter/    a frozen reference adapter on the policy's base (only then)
     reference_tokenizer/  the reference's tokenizer when it tokenizes differently (only then)
 
-Manifest: ``files`` maps every file under the four model folders (posix path relative to the scorer folder) to
+Manifest: ``files`` maps every file under the model folders (posix path relative to the scorer folder) to
 ``{"sha256", "size"}``. ``digest`` is the SHA-256 of the canonical JSON (sorted keys, no spaces) of every other
 field of ``progadv_config.json`` -- scoring config, policy/reference metadata, the chat-template hashes and the
 manifest itself -- so that one hash names the whole scorer (``ProgressAdvantageScorer.digest``; pass it back as
@@ -44,6 +45,8 @@ import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import torch
+
 from . import __version__
 from .config import CONFIG_VERSION, ProgressAdvantageConfig
 from .models import ModelView, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer, name_or_path, \
@@ -54,8 +57,8 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 CONFIG_NAME = "progadv_config.json"
 POLICY_DIR, REFERENCE_DIR, REFERENCE_TOKENIZER_DIR = "policy", "reference", "reference_tokenizer"
-REFERENCE_ADAPTER_DIR = "reference_adapter"
-MODEL_DIRS = (POLICY_DIR, REFERENCE_DIR, REFERENCE_ADAPTER_DIR, REFERENCE_TOKENIZER_DIR)
+REFERENCE_ADAPTER_DIR, POLICY_BASE_DIR = "reference_adapter", "policy_base"
+MODEL_DIRS = (POLICY_DIR, POLICY_BASE_DIR, REFERENCE_DIR, REFERENCE_ADAPTER_DIR, REFERENCE_TOKENIZER_DIR)
 OWN_ENTRIES = (CONFIG_NAME, *MODEL_DIRS)
 #: files of a linked reference folder that decide its scores (what ``AutoModelForCausalLM`` reads, remote code too)
 LINKED_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json", "*.py")
@@ -167,6 +170,12 @@ def _write(scorer, tmp: Path, reference_mode: str, target: Path) -> dict:
         policy_model.save_pretrained(str(tmp / POLICY_DIR), selected_adapters=[adapter])
         src = tmp / POLICY_DIR / adapter if adapter != "default" else tmp / POLICY_DIR
         meta["policy"] = {"kind": "peft_adapter", "path": Path(os.path.relpath(src, tmp)).as_posix()}
+        if not shares_base and not _base_is(policy_model, unwrap(ref_view.model)):
+            # the adapter was trained on another base than the reference: keep that base, or the adapter would be
+            # loaded onto the reference's weights and score as a different policy
+            with policy_model.disable_adapter():
+                _save_plain_base(unwrap(policy_model), tmp / POLICY_BASE_DIR)
+            meta["policy"]["base_path"] = POLICY_BASE_DIR
     else:
         policy_model.save_pretrained(str(tmp / POLICY_DIR), safe_serialization=True)
         meta["policy"] = {"kind": "full", "path": POLICY_DIR}
@@ -208,9 +217,26 @@ def _write(scorer, tmp: Path, reference_mode: str, target: Path) -> dict:
     return meta
 
 
+def _plain_base_state(base) -> dict:
+    """A PEFT model's base weights under the plain model's names (LoRA layers left out)."""
+    return {k.replace("base_layer.", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
+
+
+def _base_is(peft_model, reference) -> bool:
+    """Whether the adapter's base holds exactly the reference's weights (same names, shapes, dtypes, values)."""
+    mine, theirs = _plain_base_state(unwrap(peft_model)), reference.state_dict()
+    if set(mine) != set(theirs):
+        return False
+    for key, a in mine.items():
+        b = theirs[key]
+        if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(a.detach().cpu(), b.detach().cpu()):
+            return False
+    return True
+
+
 def _save_plain_base(base, path: Path) -> None:
     """Save a PEFT model's base weights without the LoRA layers (adapters are disabled by the caller)."""
-    state = {k.replace("base_layer.", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
+    state = _plain_base_state(base)
     clone = type(base)(base.config)
     clone.load_state_dict(state)
     clone.save_pretrained(str(path), safe_serialization=True)
@@ -422,12 +448,13 @@ def load_scorer(directory: str | os.PathLike, *, reference: str | os.PathLike | 
                              f"do not pass reference={str(reference)!r}")
         ref_path = root / ref_meta["path"]
     pol_path = root / pol_meta["path"]
-    for field, path in (("policy.path", pol_path), ("reference.path", ref_path)):
+    base_path = root / pol_meta["base_path"] if pol_meta.get("base_path") else ref_path
+    for field, path in (("policy.path", pol_path), ("policy.base_path", base_path), ("reference.path", ref_path)):
         if not path.is_dir():
             raise ScorerFileMissing(f"{meta_path}: field '{field}': {path} does not exist")
     kw = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code}
     if pol_meta["kind"] == "peft_adapter":
-        policy_model = load_causal_lm(pol_path, adapter_base=ref_path, **kw)
+        policy_model = load_causal_lm(pol_path, adapter_base=base_path, **kw)
         if ref_meta["kind"] != "adapter_base":
             reference_view = ModelView(load_causal_lm(ref_path, **kw))
         elif ref_meta.get("adapter_path"):
@@ -504,6 +531,12 @@ def read_meta(meta_path: Path) -> dict:
     if pol.get("kind") not in ("full", "peft_adapter"):
         fail("policy.kind", f"expected 'full' or 'peft_adapter', got {_show(pol.get('kind'))}")
     _rel_path(pol.get("path"), POLICY_DIR, "policy.path", meta_path)
+    if pol.get("base_path") is not None:
+        if pol["kind"] != "peft_adapter":
+            fail("policy.base_path", "only a 'peft_adapter' policy has a base of its own")
+        if pol["base_path"] != POLICY_BASE_DIR:
+            _rel_path(pol["base_path"], POLICY_BASE_DIR, "policy.base_path", meta_path)
+            fail("policy.base_path", f"expected {POLICY_BASE_DIR!r}, got {_show(pol['base_path'])}")
 
     ref = meta.get("reference")
     if not isinstance(ref, dict):

@@ -234,3 +234,25 @@ def test_shared_prefix_encoding_matches_full_forwards(tiny_dir):
     for x, y in zip(a, b):
         for key in ("logprob", "ref_logprob", "kl"):
             assert torch.allclose(x[key], y[key], atol=1e-5, equal_nan=True), key
+
+
+def test_adapter_trained_on_another_base_than_the_reference_round_trips(tiny_dir, tmp_path):
+    """A LoRA policy on base A scored against a different reference B: the export keeps base A (it used to load the
+    adapter onto B's weights and score a different policy, without an error)."""
+    from peft import LoraConfig, get_peft_model
+
+    base_a = AutoModelForCausalLM.from_pretrained(tiny_dir / "policy")
+    policy = get_peft_model(base_a, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    tok = AutoTokenizer.from_pretrained(tiny_dir / "policy")
+    scorer = ProgressAdvantageScorer.from_models(policy, tiny_dir / "reference", tokenizer=tok)
+    trajs = sample_trajectories()
+    before = [r.score for r in scorer.score(trajs)]
+    scorer.save_pretrained(tmp_path / "exp")
+    assert (tmp_path / "exp" / "policy_base" / "config.json").exists()
+    loaded = ProgressAdvantageScorer.from_pretrained(tmp_path / "exp")
+    assert [r.score for r in loaded.score(trajs)] == pytest.approx(before, abs=1e-5)
+    # an adapter whose base is the reference keeps a single copy of it
+    same = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir / "reference"),
+                          LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ProgressAdvantageScorer.from_models(same, tiny_dir / "reference", tokenizer=tok).save_pretrained(tmp_path / "one")
+    assert not (tmp_path / "one" / "policy_base").exists()
