@@ -182,7 +182,13 @@ def load_tokenizer(source, *, trust_remote_code: bool = False):
     """The tokenizer saved with a model (or an adapter's base), loaded the way users load it (``AutoTokenizer``)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+    # transformers builds an empty tokenizer (one token, encodes everything to []) for a model folder without
+    # tokenizer files: scoring with it would give numbers, all wrong
+    if len(tokenizer) < 2 or not tokenizer("a b", add_special_tokens=False)["input_ids"]:
+        raise ValueError(f"{source}: no usable tokenizer there (transformers built an empty one with "
+                         f"{len(tokenizer)} token(s)); save the tokenizer with the model or pass tokenizer=")
+    return tokenizer
 
 
 def name_or_path(model) -> str | None:

@@ -1,6 +1,7 @@
 """The scorer end to end on tiny local checkpoints, against a naive full-logits computation in float64."""
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -256,3 +257,23 @@ def test_adapter_trained_on_another_base_than_the_reference_round_trips(tiny_dir
                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     ProgressAdvantageScorer.from_models(same, tiny_dir / "reference", tokenizer=tok).save_pretrained(tmp_path / "one")
     assert not (tmp_path / "one" / "policy_base").exists()
+
+
+def test_reference_folder_without_tokenizer_files_uses_the_policys(tiny_dir, tmp_path):
+    """transformers builds an empty tokenizer for such a folder; it used to tokenize the reference's side of every
+    trajectory to nothing (a step advantage of -88 instead of about 0.8, no error)."""
+    ref = tmp_path / "ref"
+    shutil.copytree(tiny_dir / "reference", ref)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (ref / name).unlink(missing_ok=True)
+    trajs = sample_trajectories()
+    bare = ProgressAdvantageScorer.from_models(tiny_dir / "policy", ref)
+    assert bare.reference_tokenizer is None
+    full = ProgressAdvantageScorer.from_models(tiny_dir / "policy", tiny_dir / "reference")
+    assert [r.score for r in bare.score(trajs)] == pytest.approx([r.score for r in full.score(trajs)], abs=1e-6)
+    policy = tmp_path / "pol"
+    shutil.copytree(tiny_dir / "policy", policy)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (policy / name).unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="no usable tokenizer"):
+        ProgressAdvantageScorer.from_models(policy, tiny_dir / "reference")
