@@ -40,7 +40,11 @@ of an action; ``action_indices`` a strictly increasing list of ints. ``id`` and 
 converted). Unknown top-level keys are moved into ``metadata`` (a key present in both is an error). Lines are read as
 bytes and decoded as strict UTF-8 one at a time (so huge files stream and a bad byte is reported with its line); a
 UTF-8 byte-order mark at the start of the file is ignored. JSON's ``NaN``/``Infinity`` parse, but are rejected as a
-reward.
+reward; so is an integer too large for a float. Every string must be valid Unicode text (a lone surrogate escape such
+as ``"\\ud800"`` is an error naming its field), and metadata and tool-call arguments may nest at most 100 levels
+(:data:`~progadv_trl.data.MAX_NESTING`). Errors found after loading (a chat template that fails on a record, an
+action the template does not render) name the file and record too: each trajectory keeps where it was read
+(``Trajectory.source`` / ``source_record``).
 
 ``trl``: rows of a TRL dataset. Standard prompt/completion ``{"prompt": str, "completion": str}`` becomes
 ``[user: prompt, assistant: completion]``; conversational prompt/completion (both lists of messages) becomes the prompt
@@ -77,7 +81,8 @@ Algorithm-Generated. Each log has ``history`` (a list of ``{content, role}`` or 
   empty message is an error (no log of the released benchmark does).
 * id = ``"<subset>/<stem>"`` (e.g. ``"Hand-Crafted/12"``), group = None, reward = 0.0 (every log is a failure).
 * metadata: ``mistake_agent``, ``mistake_step_raw`` (the original string), ``question``, ``ground_truth``,
-  ``subset``, ``history_offset``, ``mistake_reason``, plus every other top-level field of the log except
+  ``subset``, ``history_offset``, ``mistake_reason``, ``history_roles`` (each entry's original role, which
+  ``rendering="plain"`` uses as the tag, as the paper code does), plus every other top-level field of the log except
   ``history`` (``question_ID``, ``level``, ``is_correct`` / ``is_corrected``, ``system_prompt``, ...).
 
 :func:`whowhen_agent` gives the agent that spoke a message: the part of its name before ``" ("`` for Hand-Crafted
@@ -158,12 +163,20 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def _nameable(value: Any) -> bool:
+    """Whether a record's raw id can name it in messages (a string, or an int short enough to print)."""
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)
+                                      and value.bit_length() <= 200)
+
+
 def _parse_str_id(value: Any, ctx: _Ctx, field: str) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
         return value
     if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > 200:  # str() of a 5000-digit int raises; no id is that long
+            ctx.fail(f"an integer id of {value.bit_length()} bits is too long; use a string", field)
         return str(value)
     ctx.fail(f"must be a string (or an int), got {_tname(value)}", field)
 
@@ -174,7 +187,10 @@ def _parse_reward(value: Any, ctx: _Ctx, field: str = "reward") -> float | None:
     if isinstance(value, bool):
         return float(value)
     if isinstance(value, numbers.Real):
-        out = float(value)
+        try:
+            out = float(value)
+        except OverflowError:  # a 400-digit integer
+            ctx.fail(f"reward must be a finite number, got an integer of {value.bit_length()} bits", field)
         if not math.isfinite(out):
             ctx.fail(f"reward must be a finite number, got {value!r}", field)
         return out
@@ -188,6 +204,8 @@ def _parse_index(value: Any, ctx: _Ctx, field: str) -> int | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str) and value.isascii() and value.isdigit():
+        if len(value) > 18:  # int() refuses > 4300 digits; no message index has 19
+            ctx.fail(f"index out of range: a {len(value)}-digit number", field)
         return int(value)
     ctx.fail(f"must be an int (or a string of digits), got {_tname(value)} {value!r:.60}", field)
 
@@ -382,6 +400,9 @@ def _iter_json_lines(path: Path, src: str) -> Iterator[tuple[_Ctx, Any]]:
                                        record=ctx.rec) from None
             except RecursionError:
                 raise ProgadvDataError("malformed JSON: nested too deeply", source=src, record=ctx.rec) from None
+            except ValueError as e:  # e.g. an integer of more than 4300 digits
+                raise ProgadvDataError(f"unreadable JSON: {str(e).split(';')[0]}", source=src,
+                                       record=ctx.rec) from None
             yield ctx, obj
 
 
@@ -405,6 +426,8 @@ def _read_json_file(path: Path, src: str, record: Any = None) -> Any:
                                record=record) from None
     except RecursionError:
         raise ProgadvDataError("malformed JSON: nested too deeply", source=src, record=record) from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ProgadvDataError(f"unreadable JSON: {str(e).split(';')[0]}", source=src, record=record) from None
 
 
 def _iter_jsonl_file(path: Path, src: str, fmt: str) -> Iterator[tuple[Trajectory, _Ctx]]:
@@ -442,7 +465,7 @@ def _iter_tau2(path: Path, src: str, data: Any = _MISSING) -> Iterator[tuple[Tra
         ctx = _Ctx(src, i)
         if not isinstance(sim, Mapping):
             ctx.fail(f"a simulation must be an object, got {_tname(sim)}", f"simulations[{i}]")
-        if isinstance(sim.get("id"), (str, int)):
+        if _nameable(sim.get("id")):
             ctx.rec = f"{i} (id {sim['id']!r})"
         messages = _parse_messages(sim.get("messages", _MISSING), ctx, "messages")
         reward_info = sim.get("reward_info")
@@ -546,7 +569,7 @@ def _whowhen_log(path: Path, src: str, subset: str | None, data: Any = _MISSING)
     meta: dict[str, Any] = {
         "mistake_agent": data.get("mistake_agent"), "mistake_step_raw": raw, "question": question,
         "ground_truth": data.get("ground_truth"), "subset": subset, "history_offset": offset,
-        "mistake_reason": data.get("mistake_reason"),
+        "mistake_reason": data.get("mistake_reason"), "history_roles": [h["role"] for h in history],
     }
     for key, value in data.items():
         if key not in meta and key not in ("history", "mistake_step"):
@@ -602,7 +625,7 @@ def _iter_rows(rows: Iterable, src: str, fmt: str) -> Iterator[tuple[Trajectory,
     groups = _PromptGroups()
     for i, row in enumerate(itertools.chain([first], it)):
         ctx = _Ctx(src, i)
-        if isinstance(row, Mapping) and isinstance(row.get("id"), (str, int)):
+        if isinstance(row, Mapping) and _nameable(row.get("id")):
             ctx.rec = f"{i} (id {row['id']!r})"
         yield (_from_trl(row, ctx, groups, i) if kind == "trl" else _from_ours(row, ctx)), ctx
 
@@ -708,6 +731,8 @@ def _generate(source: Any, fmt: str, limit: int | None) -> Iterator[Trajectory]:
         if traj.id is None:
             traj = dataclasses.replace(traj, id=str(count))
         traj.validate(source=ctx.src, record=ctx.rec)
+        # remembered, so that errors found later (rendering, chat templates) name the file and line too
+        traj = dataclasses.replace(traj, source=ctx.src, source_record=ctx.rec)
         if traj.id in seen:
             raise ProgadvDataError(f"duplicate id {traj.id!r} (first used by record {seen[traj.id]})",
                                    source=ctx.src, record=ctx.rec, field="id")

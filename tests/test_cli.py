@@ -55,7 +55,7 @@ def test_same_scores_from_python_and_cli_and_exported_scorer(tiny_dir, data, tmp
     scorer.save_pretrained(tmp_path / "scorer")
     for args in (_models(tiny_dir), ["--scorer", str(tmp_path / "scorer"), "--no-progress"]):
         out = tmp_path / "o.jsonl"
-        assert main(["score", *args, "--input", str(data), "--output", str(out)]) == 0
+        assert main(["score", *args, "--input", str(data), "--output", str(out), "--overwrite"]) == 0
         cli = [json.loads(x)["score"] for x in out.read_text().splitlines()]
         assert cli == pytest.approx(py, abs=1e-6)
 

@@ -4,9 +4,11 @@ import json
 import os
 import random
 import signal
+import sys
 import time
 
 import pytest
+import torch
 
 from progadv_trl import ProgressAdvantageScorer
 from progadv_trl.cli import main
@@ -21,6 +23,7 @@ def _fork(fn):
     pid = os.fork()
     if pid == 0:  # child
         try:
+            torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork: a parallel region would hang
             fn()
         finally:
             os._exit(0)
@@ -54,6 +57,59 @@ def test_killed_scoring_leaves_whole_lines_and_resume_completes(tiny_dir, tmp_pa
     assert main(args + ["--resume"]) == 0
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert ids == [f"t{i}" for i in range(40)]  # each once, in order
+
+
+def test_ctrl_c_exits_130_with_whole_lines_no_lock_and_resume_continues(tiny_dir, tmp_path):
+    from progadv_trl import cli
+
+    trajs = []
+    for i in range(30):
+        t = sample_trajectories()[i % 4]
+        t.id = f"t{i}"
+        trajs.append(t)
+    data = tmp_path / "in.jsonl"
+    save_trajectories(data, trajs)
+    out, err = tmp_path / "out.jsonl", tmp_path / "stderr.txt"
+    args = ["score", "--policy", str(tiny_dir / "policy"), "--reference", str(tiny_dir / "reference"),
+            "--input", str(data), "--output", str(out), "--batch-size", "1", "--no-progress", "--details"]
+
+    def child():
+        torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
+        sys.stderr = open(err, "w", buffering=1)
+        fast = cli._progress
+
+        def slowly(iterable, a, desc):  # so that Ctrl-C comes mid-run
+            for x in fast(iterable, a, desc):
+                time.sleep(0.1)
+                yield x
+
+        cli._progress = slowly
+        rc = 99
+        try:
+            rc = main(args)
+        finally:
+            sys.stderr.flush()
+            os._exit(rc)
+
+    pid = os.fork()
+    if pid == 0:
+        child()
+    t0 = time.time()
+    while not (out.exists() and out.read_text().count("\n") >= 3):
+        assert time.time() - t0 < 120 and os.waitpid(pid, os.WNOHANG) == (0, 0)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGINT)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 130
+    text = out.read_text()
+    n = text.count("\n")
+    assert text.endswith("\n") and [json.loads(x)["id"] for x in text.splitlines()] == [f"t{i}" for i in range(n)]
+    message = err.read_text()
+    assert f"holds {n} complete lines" in message and "--resume" in message and "Traceback" not in message
+    assert not (tmp_path / ".out.jsonl.lock").exists()
+    assert main(args + ["--resume"]) == 0
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [f"t{i}" for i in range(30)]
+    assert out.read_text().startswith(text)
 
 
 def test_killed_export_keeps_a_loadable_scorer(tiny_dir, tmp_path):

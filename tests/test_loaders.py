@@ -367,3 +367,87 @@ def test_bad_whowhen(tmp_path):
     (folder / "5.json").write_text(json.dumps(dict(log, mistake_step="0")), encoding="utf-8")
     (t,) = load_trajectories(folder)
     assert (t.id, t.mistake_step, t.steps, t.messages[1].name) == ("Algorithm-Generated/5", 1, (1,), "A")
+
+
+# ------------------------------------------------------------------------------ text, huge numbers, deep nesting
+
+
+def _deep(levels: int) -> dict:
+    out: dict = {}
+    cur = out
+    for _ in range(levels):
+        cur["k"] = {}
+        cur = cur["k"]
+    return out
+
+
+_A = {"role": "assistant", "content": "a"}
+HOSTILE_JSONL = [
+    # (case, raw line, field): each was a traceback (TypeError in the tokenizer, UnicodeEncodeError on output,
+    # OverflowError, ValueError, RecursionError) or a usage exit instead of bad data naming file, line and field
+    ("surrogate-content", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\\ud800"}]}',
+     "messages[1].content"),
+    ("surrogate-name", '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", '
+     '"name": "\\udfff"}]}', "messages[1].name"),
+    ("surrogate-id", '{"id": "\\ud800x", "messages": [{"role": "user", "content": "q"}, %s]}' % json.dumps(_A), "id"),
+    ("surrogate-metadata-key", '{"messages": [{"role": "user", "content": "q"}, %s], "metadata": {"\\udc80": 1}}'
+     % json.dumps(_A), "metadata"),
+    ("surrogate-extra-column", '{"messages": [{"role": "user", "content": "q"}, %s], "note": ["\\ud800"]}'
+     % json.dumps(_A), "metadata.note[0]"),
+    ("reward-400-digits", '{"messages": [{"role": "user", "content": "q"}, %s], "reward": %s}'
+     % (json.dumps(_A), "9" * 400), "reward"),
+    ("reward-5000-digits", '{"messages": [{"role": "user", "content": "q"}, %s], "reward": %s}'
+     % (json.dumps(_A), "9" * 5000), None),
+    ("mistake-step-5000-digits", '{"messages": [{"role": "user", "content": "q"}, %s], "mistake_step": "%s"}'
+     % (json.dumps(_A), "9" * 5000), "mistake_step"),
+    ("metadata-900-deep", json.dumps({"messages": [{"role": "user", "content": "q"}, _A], "metadata": _deep(900)}),
+     "metadata.k.k.k..."),
+    ("tool-arguments-900-deep", json.dumps({"messages": [{"role": "user", "content": "q"}, {
+        "role": "assistant", "content": None, "tool_calls": [{"name": "f", "arguments": _deep(900)}]}]}),
+     "messages[1].tool_calls[0].arguments.k.k.k..."),
+]
+
+
+@pytest.mark.parametrize("case, line, field", HOSTILE_JSONL, ids=[c[0] for c in HOSTILE_JSONL])
+def test_hostile_records_are_bad_data_with_file_line_and_field(tmp_path, case, line, field):
+    path = tmp_path / f"{case}.jsonl"
+    path.write_text(json.dumps(_ok(0)) + "\n" + line + "\n", encoding="utf-8")
+    with pytest.raises(ProgadvDataError) as info:
+        load_trajectories(path)
+    assert info.value.source == str(path) and info.value.record == "2 (line 2)", str(info.value)
+    if field is not None and field.endswith("..."):  # a long path is cut short in the message
+        assert info.value.field.startswith(field[:-3]) and "more than 100 levels" in str(info.value)
+    else:
+        assert info.value.field == field, str(info.value)
+    assert len(str(info.value)) < 400
+
+
+def test_hostile_rows_from_python_are_bad_data():
+    with pytest.raises(ProgadvDataError, match=r"<list>, record 1, field 'id'"):
+        load_trajectories([_ok(0), dict(_ok(1), id=10**5000)])  # used to raise ValueError printing the id
+    with pytest.raises(ProgadvDataError, match=r"<list>, record 0 \(id 't0'\), field 'messages\[1\]\.content'"):
+        load_trajectories([dict(_ok(0), messages=[MSGS[0], {"role": "assistant", "content": "\udc00"}])])
+    bad = Trajectory([Message("user", "q"), Message("assistant", "a")], id="big", reward=10**400)
+    with pytest.raises(ProgadvDataError, match=r"field 'reward'"):
+        load_trajectories([bad])  # used to raise OverflowError in validate
+    deep = Trajectory([Message("user", "q"), Message("assistant", "a")], id="deep", metadata=_deep(100))
+    with pytest.raises(ProgadvDataError, match=r"field 'metadata"):
+        load_trajectories([deep])
+    assert load_trajectories([Trajectory([Message("user", "q"), Message("assistant", "a")], id="ok",
+                                         metadata=_deep(99))])[0].id == "ok"
+
+
+def test_trajectories_remember_where_they_were_read(tmp_path):
+    path = _write_lines(tmp_path / "where.jsonl", ["", _ok(0), _ok(1)])
+    a, b = load_trajectories(path)
+    assert (b.source, b.source_record) == (str(path), "2 (line 3)")
+    err = b.error("the chat template failed", "messages")
+    assert str(err) == f"{path}, record 2 (line 3), field 'messages': the chat template failed"
+    # not data: equality, repr and to_dict ignore it, and a hand-built trajectory names its id
+    assert b == Trajectory(b.messages, id=b.id, reward=b.reward) and "line" not in repr(b)
+    assert "source" not in b.to_dict()
+    hand = Trajectory([Message("user", "q"), Message("assistant", "a")], id="h")
+    assert str(hand.error("boom", "messages")) == "record h, field 'messages': boom"
+    objs = [hand]
+    (loaded,) = load_trajectories(objs)
+    assert loaded.source == "<list>" and hand.source is None  # the caller's object is not modified

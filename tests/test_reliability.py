@@ -54,7 +54,8 @@ def test_step_spans_cover_each_action_exactly(msgs, rendering, sep):
         assert TOK.decode([i for i, k in zip(out.input_ids, out.step_index) if k == s]) == text
     for m in traj.steps:
         joined = "".join(t for (mi, _), t in zip(out.steps, out.step_texts) if mi == m)
-        assert traj.messages[m].content in joined
+        content = traj.messages[m].content
+        assert (content if rendering == "chat_template" else content.strip()) in joined  # plain strips actions
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +95,12 @@ def test_missing_files_are_named(saved):
         ProgressAdvantageScorer.from_pretrained(saved)
 
 
-def test_extra_files_are_ignored(saved):
-    (saved / "notes.txt").write_text("hello")
-    (saved / "policy" / "extra.bin").write_bytes(b"\x80\x04not loaded")
+def test_extra_files_beside_the_model_folders_are_ignored_inside_them_refused(saved):
+    (saved / "notes.txt").write_text("hello")  # nothing reads it
     ProgressAdvantageScorer.from_pretrained(saved)
+    (saved / "policy" / "extra.bin").write_bytes(b"\x80\x04not loaded")  # a model folder: all files are listed
+    with pytest.raises(ValueError, match=r"policy/extra\.bin: unexpected file"):
+        ProgressAdvantageScorer.from_pretrained(saved)
 
 
 def test_newer_config_version_is_refused(saved):
@@ -124,26 +127,44 @@ def test_tampered_reference_weights_are_refused(saved):
     k = next(iter(state))
     state[k] = state[k] + 1
     save_file(state, str(f), metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="do not match the recorded hash"):
+    with pytest.raises(ValueError, match="does not match the recorded hash"):
         ProgressAdvantageScorer.from_pretrained(saved)
 
 
-def test_pickled_weights_are_never_loaded(saved):
+def test_pickled_weights_are_never_loaded(saved, tiny_dir, tmp_path):
     pol = saved / "policy"
     for f in pol.glob("*.safetensors"):
         f.unlink()
     (pol / "pytorch_model.bin").write_bytes(b"\x80\x04 a pickle that must never be opened")
-    with pytest.raises(ValueError, match="pickled weights are never loaded"):
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin: unexpected file"):  # the manifest check, first
         ProgressAdvantageScorer.from_pretrained(saved)
+    plain = tmp_path / "plain"  # a model folder outside any scorer: the loader refuses pickles on its own
+    shutil.copytree(tiny_dir / "policy", plain)
+    for f in plain.glob("*.safetensors"):
+        f.unlink()
+    (plain / "pytorch_model.bin").write_bytes(b"\x80\x04 a pickle that must never be opened")
+    with pytest.raises(ValueError, match="pickled weights are never loaded"):
+        ProgressAdvantageScorer.from_models(plain, tiny_dir / "reference")
 
 
-def test_remote_code_needs_the_flag(saved):
-    cfg = json.loads((saved / "policy" / "config.json").read_text())
-    cfg["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
-    (saved / "policy" / "config.json").write_text(json.dumps(cfg))
-    (saved / "policy" / "evil.py").write_text("raise SystemExit('remote code ran')\n")
+def test_remote_code_needs_the_flag(saved, tiny_dir, tmp_path):
+    def add_remote_code(folder):
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["auto_map"] = {"AutoModelForCausalLM": "evil.EvilModel"}
+        (folder / "config.json").write_text(json.dumps(cfg))
+        (folder / "evil.py").write_text("raise SystemExit('remote code ran')\n")
+
+    add_remote_code(saved / "policy")  # inside a scorer: refused by the manifest before anything is imported
+    with pytest.raises(ValueError, match=r"policy/(config\.json|evil\.py)"):
+        ProgressAdvantageScorer.from_pretrained(saved)
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_dir / "policy", plain)
+    add_remote_code(plain)
     # without trust_remote_code the custom class is never imported: the built-in architecture loads
-    loaded = ProgressAdvantageScorer.from_pretrained(saved)
+    scorer = ProgressAdvantageScorer.from_models(plain, tiny_dir / "reference")
+    assert type(scorer.policy.model).__module__.startswith("transformers.")
+    scorer.save_pretrained(tmp_path / "exported")
+    loaded = ProgressAdvantageScorer.from_pretrained(tmp_path / "exported")
     assert type(loaded.policy.model).__module__.startswith("transformers.")
 
 
