@@ -238,12 +238,8 @@ def _tokenizer_for(source, model, trust_remote_code: bool):
 
 
 def _with_overrides(config: ProgressAdvantageConfig | None, overrides: dict) -> ProgressAdvantageConfig:
-    import dataclasses
-
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if config is None:
-        return ProgressAdvantageConfig(**overrides)
-    if (overrides.get("compat", config.compat) != config.compat and "token_agg" not in overrides
-            and config.token_agg == ("mean" if config.compat == "authors" else "sum")):
-        overrides["token_agg"] = None  # the old compat's default: take the new one's (authors: mean), not "sum"
-    return dataclasses.replace(config, **overrides) if overrides else config
+    """``config`` (default: the defaults) with the keyword overrides that were given (``None`` means not given);
+    only those settings change, checked as everywhere (:meth:`ProgressAdvantageConfig.merged`)."""
+    config = config or ProgressAdvantageConfig()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return config.merged(given, source="keyword arguments") if given else config

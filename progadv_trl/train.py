@@ -87,8 +87,9 @@ def train_from_config(path: str | Path, overrides: dict | None = None):
         progadv["heldout"] = str(out / "heldout.jsonl")
         out.mkdir(parents=True, exist_ok=True)
         save_trajectories(progadv["heldout"], example_trajectories(n_groups=4, seed=1))
+    config = ProgressAdvantageConfig.from_settings(progadv, source=f"{path}: progadv")  # before the model loads
     trainer_cls = GRPOTrainer if kind == "grpo" else RLOOTrainer
     trainer = trainer_cls(model=model, reward_funcs=rewards, args=args, train_dataset=train, peft_config=peft_config)
-    trainer.add_callback(ProgressAdvantageCallback(trainer=trainer, config=ProgressAdvantageConfig(**progadv)))
+    trainer.add_callback(ProgressAdvantageCallback(trainer=trainer, config=config))
     trainer.train()
     return trainer
