@@ -42,7 +42,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import torch

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .data import Message, ProgadvDataError, Trajectory  # noqa: F401 (ProgadvDataError: raised via Trajectory.error)
+from .data import Message, Trajectory
 
 
 @dataclass

@@ -19,8 +19,7 @@ from .baselines import random_scores
 from .config import ProgressAdvantageConfig
 from .data import Trajectory
 from .models import ModelView, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer, name_or_path
-from .persistence import (CONFIG_NAME, POLICY_DIR, REFERENCE_ADAPTER_DIR, REFERENCE_DIR,  # noqa: F401 (re-exported)
-                          REFERENCE_TOKENIZER_DIR, check_override_names, load_scorer, save_scorer)
+from .persistence import check_override_names, load_scorer, save_scorer
 from .rendering import TrajectoryTokenizer, same_tokenization
 from .results import TrajectoryScore, attribute, choose_best_of_n, evaluation_table, score_trajectory
 from .token_statistics import compute_token_stats

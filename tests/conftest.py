@@ -53,3 +53,28 @@ def sample_trajectories():
 @pytest.fixture
 def trajectories():
     return sample_trajectories()
+
+
+def many_trajectories(n: int, prefix: str = "t") -> list[Trajectory]:
+    """``n`` copies of the sample trajectories in turn, with ids ``<prefix>0``, ``<prefix>1``, ..."""
+    out = []
+    for i in range(n):
+        t = sample_trajectories()[i % 4]
+        t.id = f"{prefix}{i}"
+        out.append(t)
+    return out
+
+
+def cli_models(tiny_dir) -> list[str]:
+    """The ``progadv`` model flags of the tiny policy and reference."""
+    return ["--policy", str(tiny_dir / "policy"), "--reference", str(tiny_dir / "reference"), "--no-progress"]
+
+
+@pytest.fixture
+def data(tmp_path):
+    """The sample trajectories as a JSONL input file."""
+    from progadv_trl.loaders import save_trajectories
+
+    path = tmp_path / "in.jsonl"
+    save_trajectories(path, sample_trajectories())
+    return path

@@ -7,20 +7,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from progadv_trl.cli import main
-from progadv_trl.loaders import save_trajectories
 
-from conftest import sample_trajectories
-
-
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "in.jsonl"
-    save_trajectories(path, sample_trajectories())
-    return path
+from conftest import cli_models, sample_trajectories
 
 
-def _models(tiny_dir):
-    return ["--policy", str(tiny_dir / "policy"), "--reference", str(tiny_dir / "reference"), "--no-progress"]
+_models = cli_models
 
 
 def test_score_details_recompute(tiny_dir, data, tmp_path):

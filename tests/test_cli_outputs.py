@@ -6,7 +6,6 @@ uses. Most refusals happen before any model loads: those tests replace ``_load_s
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,19 +19,12 @@ import torch
 import progadv_trl
 from progadv_trl import cli
 from progadv_trl.cli import main
-from progadv_trl.data import Message, Trajectory
+from progadv_trl.data import Message
 from progadv_trl.loaders import save_trajectories
 
-from conftest import sample_trajectories
+from conftest import cli_models, many_trajectories, sample_trajectories
 
 COMMANDS = ["score", "rank", "attribute", "evaluate"]
-
-
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "in.jsonl"
-    save_trajectories(path, sample_trajectories())
-    return path
 
 
 @pytest.fixture
@@ -45,21 +37,14 @@ def no_models(monkeypatch):
     monkeypatch.setattr(cli, "_load_scorer", trap)
 
 
-def _models(tiny_dir):
-    return ["--policy", str(tiny_dir / "policy"), "--reference", str(tiny_dir / "reference"), "--no-progress"]
+_models = cli_models
 
 
 def _ids(path):
     return [json.loads(x)["id"] for x in Path(path).read_text().splitlines()]
 
 
-def _many(n, prefix="t"):
-    out = []
-    for i in range(n):
-        t = sample_trajectories()[i % 4]
-        t.id = f"{prefix}{i}"
-        out.append(t)
-    return out
+_many = many_trajectories
 
 
 def _score(tiny_dir, data, out, *extra):

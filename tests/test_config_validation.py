@@ -13,20 +13,12 @@ from progadv_trl import ProgressAdvantageConfig
 from progadv_trl.cli import main
 from progadv_trl.loaders import save_trajectories
 
-from conftest import sample_trajectories
+from conftest import cli_models, sample_trajectories
 
 MSGS = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
 
 
-@pytest.fixture
-def data(tmp_path):
-    path = tmp_path / "in.jsonl"
-    save_trajectories(path, sample_trajectories())
-    return path
-
-
-def _models(tiny_dir):
-    return ["--policy", str(tiny_dir / "policy"), "--reference", str(tiny_dir / "reference"), "--no-progress"]
+_models = cli_models
 
 
 def _jsonl(path, rows):

@@ -14,7 +14,7 @@ from progadv_trl import ProgressAdvantageScorer
 from progadv_trl.cli import main
 from progadv_trl.loaders import save_trajectories
 
-from conftest import sample_trajectories
+from conftest import many_trajectories, sample_trajectories
 
 KILLS = 10
 
@@ -37,11 +37,7 @@ def _kill_after(pid, delay):
 
 
 def test_killed_scoring_leaves_whole_lines_and_resume_completes(tiny_dir, tmp_path):
-    trajs = []
-    for i in range(40):
-        t = sample_trajectories()[i % 4]
-        t.id = f"t{i}"
-        trajs.append(t)
+    trajs = many_trajectories(40)
     data = tmp_path / "in.jsonl"
     save_trajectories(data, trajs)
     out = tmp_path / "out.jsonl"
@@ -62,11 +58,7 @@ def test_killed_scoring_leaves_whole_lines_and_resume_completes(tiny_dir, tmp_pa
 def test_ctrl_c_exits_130_with_whole_lines_no_lock_and_resume_continues(tiny_dir, tmp_path):
     from progadv_trl import cli
 
-    trajs = []
-    for i in range(30):
-        t = sample_trajectories()[i % 4]
-        t.id = f"t{i}"
-        trajs.append(t)
+    trajs = many_trajectories(30)
     data = tmp_path / "in.jsonl"
     save_trajectories(data, trajs)
     out, err = tmp_path / "out.jsonl", tmp_path / "stderr.txt"

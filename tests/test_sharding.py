@@ -8,7 +8,6 @@ import textwrap
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from progadv_trl.sharding import UnsupportedSetupError, check_supported, sharding_of
 from progadv_trl.tiny import build_model, build_tokenizer

@@ -33,7 +33,6 @@ supports). It is opt-in: it has passed its tests under Triton's CPU interpreter 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable
 
 import torch
