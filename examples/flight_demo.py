@@ -1,6 +1,6 @@
 """The earlier built-in demo: a flight-booking agent's trajectories, tiny models trained on the spot, scored.
 
-Run (from the repository root; 35 s measured on 2 CPU cores, ``--quick`` less):
+Run (from the repository root; 70 s measured on 2 CPU cores, ``--quick`` less):
 
     python examples/flight_demo.py --output-dir flight-demo
 
