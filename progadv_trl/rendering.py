@@ -37,6 +37,7 @@ class TokenizedTrajectory:
         step_index: ``[L]`` the step ordinal each token belongs to, ``-1`` for context.
         steps: per step ordinal, ``(message_index, part)``; ``part`` > 0 only with a step separator.
         tokens_cut: tokens removed from the left by truncation.
+        max_tokens: the length limit that applied (``max_length``, or the model's context when shorter).
         step_texts: the rendered text of each step (before truncation).
     """
 
@@ -46,6 +47,7 @@ class TokenizedTrajectory:
     tokens_cut: int = 0
     step_texts: list[str] = field(default_factory=list)
     full_step_lengths: list[int] = field(default_factory=list)
+    max_tokens: int | None = None
 
     @property
     def step_token_counts(self) -> list[int]:
@@ -62,7 +64,7 @@ class TokenizedTrajectory:
         kept = self.step_token_counts
         lost = [{"message_index": m, "part": p, "tokens_kept": k, "tokens": n}
                 for (m, p), k, n in zip(self.steps, kept, self.full_step_lengths) if k < n]
-        return {"tokens_cut": self.tokens_cut, "steps_cut": lost}
+        return {"tokens_cut": self.tokens_cut, "max_tokens": self.max_tokens, "steps_cut": lost}
 
 
 def _split_parts(start: int, end: int, content_start: int, content: str, separator: str | None) -> list[int]:
@@ -230,7 +232,7 @@ class TrajectoryTokenizer:
             ids.extend(seg_ids)
             step_index.extend([len(steps) - 1 if message_index >= 0 else -1] * len(seg_ids))
         cut = max(0, len(ids) - self.max_length)
-        return TokenizedTrajectory(ids[cut:], step_index[cut:], steps, cut, texts, lengths)
+        return TokenizedTrajectory(ids[cut:], step_index[cut:], steps, cut, texts, lengths, self.max_length)
 
 
 def same_tokenization(a, b) -> bool:

@@ -9,6 +9,7 @@ safetensors only, no remote code unless asked, atomic writes, every score-releva
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -18,11 +19,13 @@ import torch
 from .baselines import random_scores
 from .config import ProgressAdvantageConfig
 from .data import Trajectory
-from .models import ModelView, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer, name_or_path
+from .models import ModelView, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer, name_or_path, unwrap
 from .persistence import check_override_names, load_scorer, save_scorer
 from .rendering import TrajectoryTokenizer, same_tokenization
 from .results import TrajectoryScore, attribute, choose_best_of_n, evaluation_table, score_trajectory
 from .token_statistics import compute_token_stats
+
+logger = logging.getLogger(__name__)
 
 class ProgressAdvantageScorer:
     """Scores trajectories step by step with ``beta * (log pi - log pi_ref)`` and reports baselines beside it.
@@ -51,9 +54,13 @@ class ProgressAdvantageScorer:
         self.provenance = dict(provenance or {})
         self._check_vocab()
         cfg = self.config
-        self._tokenize = TrajectoryTokenizer(tokenizer, cfg.rendering, cfg.step_separator, cfg.max_length)
+        # a model cannot attend past its context: longer inputs are cut to it (and say so), never scored past it
+        contexts = [c for c in (_context_length(policy), _context_length(reference)) if c is not None]
+        self.max_tokens = min([cfg.max_length, *contexts])
+        self._warned_context = False
+        self._tokenize = TrajectoryTokenizer(tokenizer, cfg.rendering, cfg.step_separator, self.max_tokens)
         self._tokenize_ref = None if reference_tokenizer is None else TrajectoryTokenizer(
-            reference_tokenizer, cfg.rendering, cfg.step_separator, cfg.max_length)
+            reference_tokenizer, cfg.rendering, cfg.step_separator, self.max_tokens)
 
     def _check_vocab(self) -> None:
         vp, vr = self.policy.head.vocab_size, self.reference.head.vocab_size
@@ -136,6 +143,13 @@ class ProgressAdvantageScorer:
         cfg = self.config
         toks = [self._tokenize(t) for t in trajs]
         ref_toks = None if self._tokenize_ref is None else [self._tokenize_ref(t) for t in trajs]
+        if self.max_tokens < cfg.max_length and not self._warned_context:
+            long = [t for t, tok in zip(trajs, toks) if tok.tokens_cut]
+            if long:
+                self._warned_context = True
+                logger.warning("progadv: trajectory %r (and maybe others) is longer than the models' context of %d "
+                               "tokens (max_length=%d); it is cut from the left to the context, and its 'truncated' "
+                               "field records what was cut", long[0].id, self.max_tokens, cfg.max_length)
         stats = compute_token_stats(
             self.policy, self.reference, toks, ref_toks, temperature=cfg.temperature, top_k=cfg.top_k,
             chunk_size=cfg.chunk_size, batch_size=cfg.batch_size, all_positions=details,
@@ -234,6 +248,18 @@ def _tokenizer_for(source, model, trust_remote_code: bool):
     if not src:
         raise ValueError("cannot find a tokenizer for a model without a name or path; pass tokenizer=")
     return load_tokenizer(src, trust_remote_code=trust_remote_code)
+
+
+def _context_length(view) -> int | None:
+    """The model's context length from its config (``max_position_embeddings`` and its aliases), if it has one. A
+    cached reference (no model loaded) is skipped: loading it just to read its config would defeat the cache."""
+    model = vars(view).get("model")
+    config = getattr(unwrap(model), "config", None) if model is not None else None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 1:
+            return value
+    return None
 
 
 def _with_overrides(config: ProgressAdvantageConfig | None, overrides: dict) -> ProgressAdvantageConfig:

@@ -277,3 +277,21 @@ def test_reference_folder_without_tokenizer_files_uses_the_policys(tiny_dir, tmp
         (policy / name).unlink(missing_ok=True)
     with pytest.raises(ValueError, match="no usable tokenizer"):
         ProgressAdvantageScorer.from_models(policy, tiny_dir / "reference")
+
+
+def test_trajectory_longer_than_the_context_is_cut_to_it_and_recorded(tiny_dir, caplog):
+    """It used to be scored past max_position_embeddings without a word."""
+    import logging
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_dir / "policy")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_dir / "reference")
+    reference.config.max_position_embeddings = 48
+    tok = AutoTokenizer.from_pretrained(tiny_dir / "policy")
+    long = Trajectory([Message("user", "Count with me. " * 20), Message("assistant", "one two three " * 10)],
+                      id="long", reward=1.0)
+    with caplog.at_level(logging.WARNING):
+        res = ProgressAdvantageScorer.from_models(policy, reference, tokenizer=tok).score([long])[0]
+    assert res.truncated is not None and res.truncated["max_tokens"] == 48 and res.truncated["tokens_cut"] > 0
+    assert "context of 48 tokens" in caplog.text
+    explicit = ProgressAdvantageScorer.from_models(policy, reference, tokenizer=tok, max_length=48).score([long])[0]
+    assert res.score == pytest.approx(explicit.score, abs=1e-6)
