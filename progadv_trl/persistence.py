@@ -525,11 +525,15 @@ def read_meta(meta_path: Path) -> dict:
     if not isinstance(meta.get("config"), dict):
         fail("config", f"expected an object of config fields, got {_show(meta.get('config'))}")
 
-    pol = meta.get("policy")
-    if not isinstance(pol, dict):
-        fail("policy", f"expected an object, got {_show(pol)}")
-    if pol.get("kind") not in ("full", "peft_adapter"):
-        fail("policy.kind", f"expected 'full' or 'peft_adapter', got {_show(pol.get('kind'))}")
+    def section(name: str, kinds: tuple[str, ...]) -> dict:
+        value = meta.get(name)
+        if not isinstance(value, dict):
+            fail(name, f"expected an object, got {_show(value)}")
+        if value.get("kind") not in kinds:
+            fail(f"{name}.kind", f"expected {' or '.join(map(repr, kinds))}, got {_show(value.get('kind'))}")
+        return value
+
+    pol = section("policy", ("full", "peft_adapter"))
     _rel_path(pol.get("path"), POLICY_DIR, "policy.path", meta_path)
     if pol.get("base_path") is not None:
         if pol["kind"] != "peft_adapter":
@@ -538,11 +542,7 @@ def read_meta(meta_path: Path) -> dict:
             _rel_path(pol["base_path"], POLICY_BASE_DIR, "policy.base_path", meta_path)
             fail("policy.base_path", f"expected {POLICY_BASE_DIR!r}, got {_show(pol['base_path'])}")
 
-    ref = meta.get("reference")
-    if not isinstance(ref, dict):
-        fail("reference", f"expected an object, got {_show(ref)}")
-    if ref.get("kind") not in ("full", "adapter_base"):
-        fail("reference.kind", f"expected 'full' or 'adapter_base', got {_show(ref.get('kind'))}")
+    ref = section("reference", ("full", "adapter_base"))
     if ref["kind"] == "adapter_base" and pol["kind"] != "peft_adapter":
         fail("reference.kind", "'adapter_base' needs a PEFT adapter policy")
     if not isinstance(ref.get("linked"), bool):
