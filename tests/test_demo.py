@@ -51,6 +51,11 @@ def test_demo_writes_the_report(tmp_path, capsys):
     assert saved["runs"]["dapo"]["score_beta"] == 1.0
     assert [h["step"] for h in saved["runs"]["grpo"]["callback_history"]] == [0, 1, 2]
     assert (tmp_path / "grpo" / "_progadv" / "scorer").is_dir()
+    final = saved["runs"]["grpo"]["final"]  # 95% bootstrap intervals over groups, around the estimate
+    for col in ("mean_success", "oracle"):
+        lo, hi = final["intervals"]["progress_advantage"][col]
+        assert lo <= final["table"]["progress_advantage"][col] <= hi
+    assert all("interval" in c for c in saved["runs"]["grpo"]["targets"]) and "[" in table
     drift = (report / "drift.md").read_text()
     assert "| grpo | 1 |" in drift and "| dapo | 1 |" in drift
     try:

@@ -207,7 +207,7 @@ def evaluate_run(run: RunConfig, run_dir: Path, ref_dir: Path, env, labels: Exac
     "episodes", "results"}`` (the final policy's episodes and scores, for the plots).
     """
     from ..scorer import ProgressAdvantageScorer
-    from .evaluation import evaluate_episodes
+    from .evaluation import bootstrap, evaluate_episodes, intervals
 
     solver = labels.solver(run.exact_beta)
     out: dict = {"checkpoints": []}
@@ -221,7 +221,13 @@ def evaluate_run(run: RunConfig, run_dir: Path, ref_dir: Path, env, labels: Exac
         episodes, results, evaluation = evaluate_policy(scorer, env, solver, cfg)
         out["checkpoints"].append({"step": step, **evaluation})
     out.update(final=evaluation, episodes=episodes, results=results)
-    out["final_on_reference"] = evaluate_episodes(reference_episodes, scorer.score(reference_episodes))
+    reference_results = scorer.score(reference_episodes)
+    out["final_on_reference"] = evaluate_episodes(reference_episodes, reference_results)
+    # 95% intervals over resampled groups for the two final tables (their "better than" claims use paired draws)
+    out["draws"] = bootstrap(episodes, results, seed=cfg.seed)
+    out["draws_on_reference"] = bootstrap(reference_episodes, reference_results, seed=cfg.seed)
+    out["final"]["intervals"] = intervals(out["draws"])
+    out["final_on_reference"]["intervals"] = intervals(out["draws_on_reference"])
     return out
 
 

@@ -11,6 +11,10 @@ Rows: progress advantage and every baseline the scorer computed, plus two ceilin
 * ``oracle_success_gap``: the unregularised advantage ``S*(s, a) - S*(s)`` (success probability lost against the
   best action) as step values, aggregated by mean, attribution by its argmin.
 
+Every number comes with a 95% bootstrap interval (:func:`bootstrap`): groups of episodes (the best-of-N unit) are
+resampled with replacement and the whole table recomputed; "better than" claims use the interval of the paired
+difference over the same resamples.
+
 Columns: per-step Spearman with ``A*`` (all steps, and "live" steps where success was still possible and the reply
 valid) and with the unregularised advantage; AUROC of the trajectory score for success; best-of-N, pass@1
 (``mean_success``) and pass@N (``oracle``); failure attribution accuracy and MAE on failed episodes with a labelled
@@ -19,6 +23,7 @@ mistake.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +35,7 @@ from ..results import METHOD, TrajectoryScore, evaluation_table
 EXACT = "exact_advantage"
 ORACLE = "oracle_success_gap"
 SPEARMAN_COLUMNS = ("spearman_exact", "spearman_exact_live", "spearman_unregularised")
+N_BOOTSTRAP = 200
 
 
 def action_index(traj: Trajectory, result: TrajectoryScore) -> list[int]:
@@ -103,3 +109,36 @@ def best_baseline(table: dict[str, dict[str, float]], column: str) -> tuple[str,
     rows = [(name, row[column]) for name, row in table.items()
             if name not in (METHOD, EXACT, ORACLE) and np.isfinite(row[column])]
     return max(rows, key=lambda r: r[1]) if rows else ("-", float("nan"))
+
+
+def bootstrap(trajectories: Sequence[Trajectory], results: Sequence[TrajectoryScore], n: int = N_BOOTSTRAP,
+              seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """``n`` resampled tables: method -> column -> ``[n]`` values. Whole groups are drawn with replacement (a group
+    drawn twice counts as two groups), so best-of-N keeps its groups of 8 and the resamples keep the episode count."""
+    by_group: dict = {}
+    for i, t in enumerate(trajectories):
+        by_group.setdefault(t.group if t.group is not None else f"episode-{i}", []).append(i)
+    groups = list(by_group.values())
+    rng = np.random.default_rng(seed)
+    draws: dict[str, dict[str, list]] = {}
+    for _ in range(n):
+        trajs, res = [], []
+        for k, g in enumerate(rng.integers(0, len(groups), len(groups))):
+            for i in groups[g]:
+                trajs.append(dataclasses.replace(trajectories[i], group=f"b{k}"))
+                res.append(dataclasses.replace(results[i], group=f"b{k}"))
+        for method, row in evaluate_episodes(trajs, res)["table"].items():
+            for col, value in row.items():
+                draws.setdefault(method, {}).setdefault(col, []).append(value)
+    return {m: {c: np.asarray(v, dtype=float) for c, v in cols.items()} for m, cols in draws.items()}
+
+
+def interval(values: np.ndarray) -> list[float] | None:
+    """The 95% percentile interval of bootstrap values (NaN resamples left out), or ``None``."""
+    values = values[np.isfinite(values)]
+    return None if values.size < 10 else [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def intervals(draws: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, list[float] | None]]:
+    """method -> column -> 95% interval, from :func:`bootstrap`."""
+    return {m: {c: interval(v) for c, v in cols.items()} for m, cols in draws.items()}

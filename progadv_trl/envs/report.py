@@ -17,7 +17,7 @@ import numpy as np
 
 from ..data import json_ready
 from ..results import METHOD
-from .evaluation import EXACT, ORACLE, best_baseline, step_arrays
+from .evaluation import EXACT, ORACLE, best_baseline, interval, step_arrays
 
 COLUMNS = (("spearman_exact", "Spearman A*"), ("spearman_exact_live", "Spearman A* (live)"),
            ("spearman_unregularised", "Spearman S*-gap"), ("auroc", "AUROC"), ("best_of_n", "best-of-8"),
@@ -31,12 +31,19 @@ def _cell(v) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{v:.3f}"
 
 
-def markdown_table(table: dict) -> str:
-    """One row per method (progress advantage first, ceilings last), the :data:`COLUMNS`."""
+def _cell_ci(v, ci) -> str:
+    return _cell(v) if not ci or _cell(v) == "-" else f"{_cell(v)} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def markdown_table(table: dict, intervals: dict | None = None) -> str:
+    """One row per method (progress advantage first, ceilings last), the :data:`COLUMNS`; with ``intervals``
+    (method -> column -> [lo, hi]) each cell also shows its 95% bootstrap interval."""
     order = [METHOD, *[m for m in table if m not in (METHOD, EXACT, ORACLE)], EXACT, ORACLE]
+    intervals = intervals or {}
     lines = ["| method | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for m in order:
-        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(_cell(table[m].get(c)) for c, _ in COLUMNS) + " |")
+        cells = [_cell_ci(table[m].get(c), intervals.get(m, {}).get(c)) for c, _ in COLUMNS]
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -51,23 +58,41 @@ def run_header(run, ev: dict, temperature: float, sampled_from: str = "the final
             f"{ev['n_failed']} failed, {ev['n_attribution_labelled']} with a labelled decisive mistake; {kl}.")
 
 
-def target_checks(table: dict) -> list[dict]:
-    """The issue's targets on one table: ``[{"target", "value", "met"}]``."""
+def target_checks(table: dict, draws: dict | None = None) -> list[dict]:
+    """The targets on one table: ``[{"target", "value", "met", "interval"}]``. An absolute target is met by the
+    estimate (``interval``: its 95% bootstrap interval). A "better than a baseline" target is met only when the 95%
+    interval of the paired difference (progress advantage minus that baseline, over the same resamples) clears the
+    margin; ``interval`` is then that difference's interval."""
     pa = table[METHOD]
     name_bo, bo = best_baseline(table, "best_of_n")
     name_au, au = best_baseline(table, "auroc")
     name_at, at = best_baseline(table, "attribution_accuracy")
+
+    def own(col):
+        return interval(draws[METHOD][col]) if draws else None
+
+    def diff(col, other, scale=1.0):
+        if not draws or other not in draws:
+            return None
+        return interval(draws[METHOD][col] - scale * draws[other][col])
+
+    def clears(ci, point_ok, margin=0.0):
+        return point_ok if ci is None else ci[0] > margin
+
+    d_bo, d_au, d_at = diff("best_of_n", name_bo), diff("auroc", name_au), diff("attribution_accuracy", name_at, 2.0)
     checks = [
-        ("Spearman(PA, A*) >= 0.6", pa["spearman_exact"], pa["spearman_exact"] >= 0.6),
-        (f"best-of-8 >= best baseline ({name_bo} {bo:.3f}) + 0.05", pa["best_of_n"], pa["best_of_n"] >= bo + 0.05),
+        ("Spearman(PA, A*) >= 0.6", pa["spearman_exact"], pa["spearman_exact"] >= 0.6, own("spearman_exact")),
+        (f"best-of-8 >= best baseline ({name_bo} {bo:.3f}) + 0.05 (paired difference)", pa["best_of_n"],
+         clears(d_bo, pa["best_of_n"] >= bo + 0.05, 0.05), d_bo),
         (f"best-of-8 >= 0.8 x pass@8 ({0.8 * pa['oracle']:.3f})", pa["best_of_n"],
-         pa["best_of_n"] >= 0.8 * pa["oracle"]),
-        ("AUROC >= 0.85", pa["auroc"], pa["auroc"] >= 0.85),
-        (f"AUROC > every baseline (best {name_au} {au:.3f})", pa["auroc"], pa["auroc"] > au),
-        (f"attribution accuracy >= 2 x best baseline ({name_at} {at:.3f})", pa["attribution_accuracy"],
-         pa["attribution_accuracy"] >= 2 * at),
+         pa["best_of_n"] >= 0.8 * pa["oracle"], own("best_of_n")),
+        ("AUROC >= 0.85", pa["auroc"], pa["auroc"] >= 0.85, own("auroc")),
+        (f"AUROC > every baseline (best {name_au} {au:.3f}; paired difference)", pa["auroc"],
+         clears(d_au, pa["auroc"] > au), d_au),
+        (f"attribution accuracy >= 2 x best baseline ({name_at} {at:.3f}; paired difference)",
+         pa["attribution_accuracy"], clears(d_at, pa["attribution_accuracy"] >= 2 * at), d_at),
     ]
-    return [{"target": t, "value": float(v), "met": bool(ok)} for t, v, ok in checks]
+    return [{"target": t, "value": float(v), "met": bool(ok), "interval": ci} for t, v, ok, ci in checks]
 
 
 def _history_at(history: list[dict], step: int) -> dict:
@@ -177,9 +202,12 @@ def write_plots(report_dir: Path, cfg, runs: dict) -> list[str]:
 
 
 def _table_section(run, ev: dict, checks: list[dict], temperature: float, sampled_from: str = "the final policy"):
-    lines = [f"- {'met' if c['met'] else 'MISSED'}: {c['target']}: {c['value']:.3f}" for c in checks]
-    return (run_header(run, ev, temperature, sampled_from) + "\n\n" + markdown_table(ev["table"])
-            + "\n\nTargets:\n" + "\n".join(lines))
+    def ci(c):
+        return "" if not c.get("interval") else f" (95% interval {c['interval'][0]:.3f} to {c['interval'][1]:.3f})"
+
+    lines = [f"- {'met' if c['met'] else 'MISSED'}: {c['target']}: {c['value']:.3f}{ci(c)}" for c in checks]
+    return (run_header(run, ev, temperature, sampled_from) + " Brackets: 95% bootstrap intervals over groups.\n\n"
+            + markdown_table(ev["table"], ev.get("intervals")) + "\n\nTargets:\n" + "\n".join(lines))
 
 
 def write_report(report_dir: Path, cfg, runs: dict, exact: dict, clock) -> dict:
@@ -189,7 +217,8 @@ def write_report(report_dir: Path, cfg, runs: dict, exact: dict, clock) -> dict:
     for run in cfg.runs:
         r = runs[run.name]
         ev, ev_ref = r["final"], r["final_on_reference"]
-        checks, checks_ref = target_checks(ev["table"]), target_checks(ev_ref["table"])
+        checks = target_checks(ev["table"], r.get("draws"))
+        checks_ref = target_checks(ev_ref["table"], r.get("draws_on_reference"))
         metrics["runs"][run.name] = {
             "beta": run.beta, "loss_type": run.loss_type, "score_beta": run.score_beta, "exact_beta": run.exact_beta,
             "final": ev, "targets": checks, "final_on_reference": ev_ref, "targets_on_reference": checks_ref,
