@@ -78,3 +78,16 @@ def test_demo_rerun_uses_the_cache(tmp_path):
     assert first.oracle.n_queried > 0
     assert prepare_reference(tmp_path, env, cfg) == ref and (ref / "model.safetensors").stat().st_mtime == stamp
     assert prepare_exact(tmp_path, env, ref, cfg).oracle.n_queried == 0
+
+
+def test_committed_demo_tables_equal_their_committed_metrics():
+    """docs/demo/table.md and drift.md are rendered from docs/demo/metrics.json (the run they report), nothing else:
+    `python -m progadv_trl.envs.report docs/demo/metrics.json` regenerates them."""
+    from pathlib import Path
+
+    from progadv_trl.envs.report import render_tables
+
+    docs = Path(__file__).resolve().parents[1] / "docs" / "demo"
+    text, drift = render_tables(json.loads((docs / "metrics.json").read_text(encoding="utf-8")))
+    assert text == (docs / "table.md").read_text(encoding="utf-8")
+    assert drift == (docs / "drift.md").read_text(encoding="utf-8")

@@ -106,8 +106,9 @@ def evaluate_episodes(trajectories: Sequence[Trajectory], results: Sequence[Traj
 
 def best_baseline(table: dict[str, dict[str, float]], column: str) -> tuple[str, float]:
     """The baseline (not progress advantage, not a ceiling) with the highest ``column``; NaNs ignored."""
-    rows = [(name, row[column]) for name, row in table.items()
-            if name not in (METHOD, EXACT, ORACLE) and np.isfinite(row[column])]
+    rows = [(name, row[column]) for name, row in table.items()  # NaN in memory, null once read from metrics.json
+            if name not in (METHOD, EXACT, ORACLE) and isinstance(row.get(column), (int, float))
+            and np.isfinite(row[column])]
     return max(rows, key=lambda r: r[1]) if rows else ("-", float("nan"))
 
 

@@ -5,6 +5,11 @@
 evaluation, "episodes", "results", "train_log"}`` (see :func:`~progadv_trl.envs.demo.evaluate_run` and
 :func:`~progadv_trl.envs.evaluation.evaluate_episodes`). Plots need matplotlib (the ``plots`` extra); without it they
 are skipped with a note.
+
+The tables are rendered from ``metrics.json`` alone (:func:`render_tables`), so committed tables can be checked
+against committed metrics and regenerated::
+
+    python -m progadv_trl.envs.report progadv-demo/report/metrics.json   # rewrites table.md and drift.md beside it
 """
 
 from __future__ import annotations
@@ -47,12 +52,12 @@ def markdown_table(table: dict, intervals: dict | None = None) -> str:
     return "\n".join(lines)
 
 
-def run_header(run, ev: dict, temperature: float, sampled_from: str = "the final policy") -> str:
+def run_header(run: dict, ev: dict, temperature: float, sampled_from: str = "the final policy") -> str:
     if sampled_from == "the final policy":
         kl = f"KL(policy || reference) {ev['kl_per_episode']:.3f} nats per episode"
     else:  # the same estimator on another sampler's episodes: minus an estimate of KL(sampler || policy) there
         kl = f"mean log(policy / reference) {ev['kl_per_episode']:.3f} nats per episode"
-    return (f"Scored with beta={run.score_beta} at T={temperature}; exact A* at beta={run.exact_beta}. "
+    return (f"Scored with beta={run['score_beta']} at T={temperature}; exact A* at beta={run['exact_beta']}. "
             f"{ev['n_episodes']} episodes sampled from {sampled_from} (groups of 8), success {ev['success']:.3f}, "
             f"{ev['n_steps']} steps ({ev['n_live_steps']} live: success still possible, valid reply), "
             f"{ev['n_failed']} failed, {ev['n_attribution_labelled']} with a labelled decisive mistake; {kl}.")
@@ -101,21 +106,22 @@ def _history_at(history: list[dict], step: int) -> dict:
     return rows[-1] if rows else {}
 
 
-def drift_table(cfg, runs: dict) -> str:
-    """Metrics at every checkpoint against the KL from the reference."""
+def drift_table(metrics: dict) -> str:
+    """Metrics at every checkpoint against the KL from the reference (from ``metrics.json``)."""
     head = ("| run | step | KL/token (callback set) | weight drift | AUROC (callback set) | success | KL/episode | "
             "Spearman A* | Spearman S*-gap | AUROC | best-of-8 | best baseline best-of-8 | attr. acc. |")
     lines = [head, "|---|---:|" + "---:|" * 11]
-    for run in cfg.runs:
-        for ck in runs[run.name]["checkpoints"]:
-            h, t = _history_at(runs[run.name]["history"], ck["step"]), ck["table"]
+    for run in metrics["config"]["runs"]:
+        r = metrics["runs"][run["name"]]
+        for ck in r["checkpoints"]:
+            h, t = _history_at(r["callback_history"], ck["step"]), ck["table"]
             name, bb = best_baseline(t, "best_of_n")
             cells = [h.get("progadv/kl/mean"), h.get("progadv/weight_drift"), h.get("progadv/auroc"), ck["success"],
                      ck["kl_per_episode"], t[METHOD]["spearman_exact"], t[METHOD]["spearman_unregularised"],
                      t[METHOD]["auroc"], t[METHOD]["best_of_n"], bb, t[METHOD]["attribution_accuracy"]]
             row = [_cell(c) for c in cells]
             row[9] = f"{row[9]} ({name})"
-            lines.append(f"| {run.name} | {ck['step']} | " + " | ".join(row) + " |")
+            lines.append(f"| {run['name']} | {ck['step']} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
@@ -201,7 +207,8 @@ def write_plots(report_dir: Path, cfg, runs: dict) -> list[str]:
     return ["signal_vs_step.png", "advantages_vs_exact.png"]
 
 
-def _table_section(run, ev: dict, checks: list[dict], temperature: float, sampled_from: str = "the final policy"):
+def _table_section(run: dict, ev: dict, checks: list[dict], temperature: float,
+                   sampled_from: str = "the final policy"):
     def ci(c):
         return "" if not c.get("interval") else f" (95% interval {c['interval'][0]:.3f} to {c['interval'][1]:.3f})"
 
@@ -210,31 +217,55 @@ def _table_section(run, ev: dict, checks: list[dict], temperature: float, sample
             + markdown_table(ev["table"], ev.get("intervals")) + "\n\nTargets:\n" + "\n".join(lines))
 
 
+def render_tables(metrics: dict) -> tuple[str, str]:
+    """``(table.md, drift.md)`` from the content of ``metrics.json``: nothing else is read."""
+    sections, temperature = [], metrics["config"]["temperature"]
+    for run in metrics["config"]["runs"]:
+        r = metrics["runs"][run["name"]]
+        sections.append(
+            f"### {run['name']}: beta={run['beta']}, loss_type={run['loss_type']}, {run['steps']} GRPO steps\n\n"
+            f"#### Episodes of the final policy\n\n{_table_section(r, r['final'], r['targets'], temperature)}\n\n"
+            f"#### Episodes of the reference, scored by the same final scorer\n\n"
+            f"{_table_section(r, r['final_on_reference'], r['targets_on_reference'], temperature, 'the reference')}")
+    return "\n\n".join(sections) + "\n", drift_table(metrics) + "\n"
+
+
 def write_report(report_dir: Path, cfg, runs: dict, exact: dict, clock) -> dict:
     """Write every report file; returns ``{"metrics": metrics.json content, "text": the printed tables}``."""
     report_dir.mkdir(parents=True, exist_ok=True)
-    sections, metrics = [], {"config": cfg.to_dict(), "exact": exact, "runs": {}}
+    metrics = {"config": cfg.to_dict(), "exact": exact, "runs": {}}
     for run in cfg.runs:
         r = runs[run.name]
         ev, ev_ref = r["final"], r["final_on_reference"]
-        checks = target_checks(ev["table"], r.get("draws"))
-        checks_ref = target_checks(ev_ref["table"], r.get("draws_on_reference"))
         metrics["runs"][run.name] = {
             "beta": run.beta, "loss_type": run.loss_type, "score_beta": run.score_beta, "exact_beta": run.exact_beta,
-            "final": ev, "targets": checks, "final_on_reference": ev_ref, "targets_on_reference": checks_ref,
+            "final": ev, "targets": target_checks(ev["table"], r.get("draws")), "final_on_reference": ev_ref,
+            "targets_on_reference": target_checks(ev_ref["table"], r.get("draws_on_reference")),
             "checkpoints": r["checkpoints"], "callback_history": r["history"],
             "train_reward_first_last10": [r["train_log"][0].get("reward"),
                                           float(np.mean([x.get("reward", np.nan) for x in r["train_log"][-10:]]))]}
-        sections.append(
-            f"### {run.name}: beta={run.beta}, loss_type={run.loss_type}, {run.steps} GRPO steps\n\n"
-            f"#### Episodes of the final policy\n\n{_table_section(run, ev, checks, cfg.temperature)}\n\n"
-            f"#### Episodes of the reference, scored by the same final scorer\n\n"
-            f"{_table_section(run, ev_ref, checks_ref, cfg.temperature, 'the reference')}")
-    text = "\n\n".join(sections)
-    drift = drift_table(cfg, runs)
-    (report_dir / "table.md").write_text(text + "\n", encoding="utf-8")
-    (report_dir / "drift.md").write_text(drift + "\n", encoding="utf-8")
     metrics["plots"] = write_plots(report_dir, cfg, runs)
     metrics["seconds"] = {**clock.seconds, "total": clock.total}
-    (report_dir / "metrics.json").write_text(json.dumps(json_ready(metrics), indent=1), encoding="utf-8")
-    return {"metrics": metrics, "text": text + "\n\nMetrics against training step (checkpoints):\n\n" + drift}
+    metrics = json.loads(json.dumps(json_ready(metrics)))  # the tables are rendered from exactly what is saved
+    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=1), encoding="utf-8")
+    text, drift = render_tables(metrics)
+    (report_dir / "table.md").write_text(text, encoding="utf-8")
+    (report_dir / "drift.md").write_text(drift, encoding="utf-8")
+    return {"metrics": metrics, "text": text + "\nMetrics against training step (checkpoints):\n\n" + drift}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Re-render table.md and drift.md from a demo's metrics.json.")
+    parser.add_argument("metrics", help="the report's metrics.json")
+    args = parser.parse_args(argv)
+    path = Path(args.metrics)
+    text, drift = render_tables(json.loads(path.read_text(encoding="utf-8")))
+    (path.parent / "table.md").write_text(text, encoding="utf-8")
+    (path.parent / "drift.md").write_text(drift, encoding="utf-8")
+    print(f"wrote {path.parent / 'table.md'} and {path.parent / 'drift.md'}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
