@@ -10,6 +10,7 @@ The tables are rendered from ``metrics.json`` alone (:func:`render_tables`), so 
 against committed metrics and regenerated::
 
     python -m progadv_trl.envs.report progadv-demo/report/metrics.json   # rewrites table.md and drift.md beside it
+    python -m progadv_trl.envs.report run1/report/metrics.json run2/report/metrics.json   # runs side by side
 """
 
 from __future__ import annotations
@@ -254,13 +255,50 @@ def write_report(report_dir: Path, cfg, runs: dict, exact: dict, clock) -> dict:
     return {"metrics": metrics, "text": text + "\nMetrics against training step (checkpoints):\n\n" + drift}
 
 
+SEED_COLUMNS = (("final", "spearman_exact", "own: Spearman A*"), ("final", "auroc", "own: AUROC"),
+                ("final", "best_of_n", "own: best-of-8"), ("final_on_reference", "spearman_exact", "ref.: Spearman A*"),
+                ("final_on_reference", "auroc", "ref.: AUROC"), ("final_on_reference", "best_of_n", "ref.: best-of-8"),
+                ("final_on_reference", "attribution_accuracy", "ref.: attr. acc."))
+
+
+def seed_table(reports: list[dict]) -> str:
+    """Several demo runs (``metrics.json`` contents, e.g. one per seed) side by side: per run and seed, progress
+    advantage / the best baseline on that column / the exact-A* ceiling, on the final policy's own episodes ("own")
+    and on the reference's episodes ("ref."); then the mean and range over the runs of progress advantage."""
+    lines = ["| run | seed | " + " | ".join(c[2] for c in SEED_COLUMNS) + " |",
+             "|---|---:|" + "---:|" * len(SEED_COLUMNS)]
+    values: dict[tuple, list[float]] = {}
+    for metrics in reports:
+        for run in metrics["config"]["runs"]:
+            r = metrics["runs"][run["name"]]
+            cells = []
+            for part, col, _ in SEED_COLUMNS:
+                table = r[part]["table"]
+                pa = table[METHOD][col]
+                _, base = best_baseline(table, col)
+                values.setdefault((run["name"], part, col), []).append(pa)
+                cells.append(f"{_cell(pa)} / {_cell(base)} / {_cell(table[EXACT][col])}")
+            lines.append(f"| {run['name']} | {metrics['config']['seed']} | " + " | ".join(cells) + " |")
+    for name in dict.fromkeys(n for n, _, _ in values):
+        cells = []
+        for part, col, _ in SEED_COLUMNS:
+            v = [x for x in values[(name, part, col)] if isinstance(x, (int, float)) and math.isfinite(x)]
+            cells.append(f"{np.mean(v):.3f} ({min(v):.3f}-{max(v):.3f})" if v else "-")
+        lines.append(f"| {name}: mean (range) | {len(reports)} runs | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Re-render table.md and drift.md from a demo's metrics.json.")
-    parser.add_argument("metrics", help="the report's metrics.json")
+    parser = argparse.ArgumentParser(description="Re-render table.md and drift.md from a demo's metrics.json; with "
+                                     "several, print them side by side (one row per run and seed).")
+    parser.add_argument("metrics", nargs="+", help="the report's metrics.json (several: compare them)")
     args = parser.parse_args(argv)
-    path = Path(args.metrics)
+    if len(args.metrics) > 1:
+        print(seed_table([json.loads(Path(p).read_text(encoding="utf-8")) for p in args.metrics]), end="")
+        return
+    path = Path(args.metrics[0])
     text, drift = render_tables(json.loads(path.read_text(encoding="utf-8")))
     (path.parent / "table.md").write_text(text, encoding="utf-8")
     (path.parent / "drift.md").write_text(drift, encoding="utf-8")
