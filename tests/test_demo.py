@@ -30,7 +30,7 @@ def tiny_config() -> DemoConfig:
                                       num_generations=4),
                             RunConfig("dapo", beta=0.0, loss_type="dapo", steps=1, eval_steps=1, prompts_per_step=2,
                                       num_generations=4, exact_beta=0.04)],
-                      plot_episodes=1)
+                      plot_episodes=1, bootstrap=20)
 
 
 def test_demo_writes_the_report(tmp_path, capsys):

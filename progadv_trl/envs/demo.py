@@ -223,11 +223,11 @@ def evaluate_run(run: RunConfig, run_dir: Path, ref_dir: Path, env, labels: Exac
     out.update(final=evaluation, episodes=episodes, results=results)
     reference_results = scorer.score(reference_episodes)
     out["final_on_reference"] = evaluate_episodes(reference_episodes, reference_results)
-    # 95% intervals over resampled groups for the two final tables (their "better than" claims use paired draws)
-    out["draws"] = bootstrap(episodes, results, seed=cfg.seed)
-    out["draws_on_reference"] = bootstrap(reference_episodes, reference_results, seed=cfg.seed)
-    out["final"]["intervals"] = intervals(out["draws"])
-    out["final_on_reference"]["intervals"] = intervals(out["draws_on_reference"])
+    if cfg.bootstrap:  # 95% intervals over resampled groups for the final tables ("better than": paired draws)
+        out["draws"] = bootstrap(episodes, results, n=cfg.bootstrap, seed=cfg.seed)
+        out["draws_on_reference"] = bootstrap(reference_episodes, reference_results, n=cfg.bootstrap, seed=cfg.seed)
+        out["final"]["intervals"] = intervals(out["draws"])
+        out["final_on_reference"]["intervals"] = intervals(out["draws_on_reference"])
     return out
 
 

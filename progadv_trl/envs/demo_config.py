@@ -58,7 +58,8 @@ class DemoConfig:
     :func:`~progadv_trl.envs.pretrain.train_reference` arguments. ``callback_episodes``: the callback's fixed
     held-out set, sampled from the reference before training (seed ``seed + 10000``). ``eval_episodes``: episodes
     sampled from each evaluated policy (seed ``seed + 20000``, the same for every policy), in groups of
-    ``group_size`` per task. ``plot_episodes``: episodes drawn in the advantage plot.
+    ``group_size`` per task. ``plot_episodes``: episodes drawn in the advantage plot. ``bootstrap``: resamples of
+    the 95% intervals of the final tables (0: none).
     """
 
     seed: int = 0
@@ -74,6 +75,7 @@ class DemoConfig:
         RunConfig("dapo-beta0", beta=0.0, loss_type="dapo", steps=100, eval_steps=25, checkpoints=[50],
                   exact_beta=0.04)])
     plot_episodes: int = 4
+    bootstrap: int = 200
 
     def __post_init__(self):
         self.runs = [r if isinstance(r, RunConfig) else RunConfig(**r) for r in self.runs]
@@ -89,7 +91,7 @@ class DemoConfig:
                                    prompts_per_step=4),
                          RunConfig("dapo-beta0", beta=0.0, loss_type="dapo", steps=6, eval_steps=6,
                                    prompts_per_step=4, exact_beta=0.04)],
-                   plot_episodes=2)
+                   plot_episodes=2, bootstrap=20)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "DemoConfig":

@@ -55,9 +55,9 @@ def markdown_table(table: dict, intervals: dict | None = None) -> str:
 
 def run_header(run: dict, ev: dict, temperature: float, sampled_from: str = "the final policy") -> str:
     if sampled_from == "the final policy":
-        kl = f"KL(policy || reference) {ev['kl_per_episode']:.3f} nats per episode"
+        kl = f"KL(policy || reference) {_cell(ev['kl_per_episode'])} nats per episode"
     else:  # the same estimator on another sampler's episodes: minus an estimate of KL(sampler || policy) there
-        kl = f"mean log(policy / reference) {ev['kl_per_episode']:.3f} nats per episode"
+        kl = f"mean log(policy / reference) {_cell(ev['kl_per_episode'])} nats per episode"
     return (f"Scored with beta={run['score_beta']} at T={temperature}; exact A* at beta={run['exact_beta']}. "
             f"{ev['n_episodes']} episodes sampled from {sampled_from} (groups of 8), success {ev['success']:.3f}, "
             f"{ev['n_steps']} steps ({ev['n_live_steps']} live: success still possible, valid reply), "
@@ -213,7 +213,7 @@ def _table_section(run: dict, ev: dict, checks: list[dict], temperature: float,
     def ci(c):
         return "" if not c.get("interval") else f" (95% interval {c['interval'][0]:.3f} to {c['interval'][1]:.3f})"
 
-    lines = [f"- {'met' if c['met'] else 'MISSED'}: {c['target']}: {c['value']:.3f}{ci(c)}" for c in checks]
+    lines = [f"- {'met' if c['met'] else 'MISSED'}: {c['target']}: {_cell(c['value'])}{ci(c)}" for c in checks]
     return (run_header(run, ev, temperature, sampled_from) + " Brackets: 95% bootstrap intervals over groups.\n\n"
             + markdown_table(ev["table"], ev.get("intervals")) + "\n\nTargets:\n" + "\n".join(lines))
 
