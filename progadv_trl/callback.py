@@ -31,13 +31,12 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from .config import ProgressAdvantageConfig
-from .monitor import ProgressAdvantageMonitor
+from .monitor import ProgressAdvantageMonitor, export_root
 from .reference import resolve_reference
 from .sharding import check_supported
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "progadv_state.json"
-EXPORT_DIR = "_progadv"
 
 
 def _load_prompt_rows(source) -> list[dict]:
@@ -130,10 +129,10 @@ class ProgressAdvantageCallback(TrainerCallback):
         the trainer keeps a ``_metrics`` store (GRPO, RLOO), else as a row of its own."""
         self._flush_unlogged()
         values = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        store = getattr(self.trainer, "_metrics", None)
-        if row_follows and isinstance(store, dict) and isinstance(store.get("train"), dict):
+        store = self._train_store()
+        if row_follows and store is not None:
             for key, value in values.items():
-                store["train"][key] = [value]
+                store[key] = [value]
             self._in_row = values
         else:
             self._log_row(values)
@@ -142,11 +141,14 @@ class ProgressAdvantageCallback(TrainerCallback):
         """Metrics left in the store after the row that should have carried them: give them their own row."""
         if self._in_row is not None:
             values, self._in_row = self._in_row, None
-            store = getattr(self.trainer, "_metrics", None)
-            if isinstance(store, dict) and isinstance(store.get("train"), dict):
-                for key in values:
-                    store["train"].pop(key, None)
+            for key in values:
+                (self._train_store() or {}).pop(key, None)
             self._log_row(values)
+
+    def _train_store(self) -> dict | None:
+        """GRPO's/RLOO's per-mode metric store for training rows (``trainer._metrics["train"]``), if it has one."""
+        store = getattr(self.trainer, "_metrics", None)
+        return store["train"] if isinstance(store, dict) and isinstance(store.get("train"), dict) else None
 
     def _log_row(self, values: dict[str, float]) -> None:
         from transformers import Trainer
@@ -214,15 +216,6 @@ class ProgressAdvantageCallback(TrainerCallback):
             best = self.monitor.export_best(self.trainer.model)
             if path is not None:
                 logger.info("progadv: scorer exported to %s%s", path, f", best to {best}" if best else "")
-
-
-def export_root(config: ProgressAdvantageConfig, output_dir: Path) -> Path:
-    """Where scorers and the snapshot reference go: ``config.export_dir`` (relative to ``output_dir``) or
-    ``<output_dir>/_progadv`` (``Trainer.push_to_hub`` skips names that start with ``_``)."""
-    if config.export_dir is None:
-        return output_dir / EXPORT_DIR
-    path = Path(config.export_dir)
-    return path if path.is_absolute() else output_dir / path
 
 
 def _trainer_eval_steps(args, state) -> int:

@@ -267,7 +267,7 @@ def cmd_score(args) -> int:
             row["input_sha256"] = out.record_hashes.pop(str(res.id))
             out.write_line(_dumps(row))
         out.finish()
-    skip = len(out.done_ids)
+    skip = len(out.done_records)
     print(f"scored {out.written} trajectories -> {args.output}" + (f" (skipped {skip} already there)" if skip else ""),
           file=sys.stderr)
     return EXIT_OK

@@ -90,8 +90,7 @@ class ProgressAdvantageMonitor:
         self.tokenizer = tokenizer
         self.output_dir = Path(output_dir) if output_dir is not None else None
         if export_dir is None and self.output_dir is not None:
-            export_dir = (self.output_dir / self.config.export_dir if self.config.export_dir is not None
-                          else self.output_dir / EXPORT_DIR)
+            export_dir = export_root(self.config, self.output_dir)
         self.export_dir = Path(export_dir) if export_dir is not None else None
         if heldout is None and self.config.heldout is not None:
             from .loaders import load_trajectories
@@ -285,6 +284,12 @@ class ProgressAdvantageMonitor:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / HISTORY_FILE, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(h) + "\n" for h in self.history)
+
+
+def export_root(config: ProgressAdvantageConfig, output_dir: str | Path) -> Path:
+    """Where scorers and the snapshot reference go: ``config.export_dir`` (relative to ``output_dir``) or
+    ``<output_dir>/_progadv`` (``Trainer.push_to_hub`` skips names that start with ``_``)."""
+    return Path(output_dir) / (config.export_dir if config.export_dir is not None else EXPORT_DIR)
 
 
 def _trainable_params(policy) -> dict[str, torch.nn.Parameter]:

@@ -150,7 +150,7 @@ class OutputFile:
             file inside a folder among them).
         input_dirs: folders the output must not be inside (the ``--input`` folder).
         overwrite: replace an existing non-empty output.
-        resume: continue an existing output (``done_ids`` then holds the ids already written).
+        resume: continue an existing output (``done_records`` then holds the ids already written).
         atomic: write with :meth:`write_all` (temporary file, then ``os.replace``) instead of :meth:`write_line`.
         record_settings: keep the settings (:meth:`expect`) in ``<output>.progadv.json`` for a later ``--resume``.
     """
@@ -163,7 +163,6 @@ class OutputFile:
         self.atomic, self.record_settings = atomic, record_settings
         self.inputs = [(flag, os.fspath(p)) for flag, p in inputs if p is not None]
         self.input_dirs = [os.fspath(p) for p in input_dirs if p is not None]
-        self.done_ids: set[str] = set()
         self.done_records: list[tuple[str, str | None]] = []  # (id, input_sha256) of the lines kept, in order
         self.record_hashes: dict[str, str] = {}  # id -> input_sha256 of the records read for scoring
         self.written = 0  # lines written by this run
@@ -416,7 +415,6 @@ class OutputFile:
                 ids.append(str(rid))
                 hashes.append(obj.get("input_sha256") if isinstance(obj.get("input_sha256"), str) else None)
                 records.append((start, offset))
-        self.done_ids = seen
         self.done_records = list(zip(ids, hashes))
         self._scan = {"size": offset, "cut": cut, "newline": add_newline, "dups": dups, "spans": records,
                       "ids": ids}
