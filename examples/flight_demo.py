@@ -25,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from progadv_trl.demo import example_trajectories  # noqa: E402
+from progadv_trl.flight_example import example_trajectories  # noqa: E402
 
 
 def _train(model, tokenize, trajectories, steps: int, lr: float, reference=None, kl_coef: float = 0.0,
@@ -70,7 +70,7 @@ def run_demo(output_dir: str | Path = "flight-demo", *, quick: bool = False, see
     """Run the demo and return its metric table (also written to ``<output_dir>/metrics.json``)."""
     import torch
 
-    from progadv_trl.loaders import save_trajectories
+    from progadv_trl.formats import save_trajectories
     from progadv_trl.metrics import format_table
     from progadv_trl.rendering import TrajectoryTokenizer
     from progadv_trl.scorer import ProgressAdvantageScorer

@@ -17,8 +17,8 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from progadv_trl import ProgressAdvantageCallback, ProgressAdvantageConfig  # noqa: E402  # progadv
-from progadv_trl.demo import example_trajectories, flight_prompts, reward_books_cheapest  # noqa: E402
-from progadv_trl.loaders import save_trajectories  # noqa: E402
+from progadv_trl.flight_example import example_trajectories, flight_prompts, reward_books_cheapest  # noqa: E402
+from progadv_trl.formats import save_trajectories  # noqa: E402
 from progadv_trl.tiny import build_model, build_tokenizer  # noqa: E402
 
 

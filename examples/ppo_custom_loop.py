@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from progadv_trl import ProgressAdvantageConfig, ProgressAdvantageMonitor  # noqa: E402  # progadv
-from progadv_trl.demo import example_trajectories, flight_prompts, reward_books_cheapest  # noqa: E402
+from progadv_trl.flight_example import example_trajectories, flight_prompts, reward_books_cheapest  # noqa: E402
 from progadv_trl.tiny import build_model, build_tokenizer  # noqa: E402
 
 

@@ -3,15 +3,16 @@
 __version__ = "0.1.0"
 
 from .callback import ProgressAdvantageCallback
-from .config import ProgressAdvantageConfig
+from .config import ProgressAdvantageConfig, ScoringConfig
 from .data import Message, ProgadvDataError, ToolCall, Trajectory
-from .loaders import load_trajectories, save_trajectories
+from .formats import load_trajectories, save_trajectories
 from .results import StepScore, TrajectoryScore
 from .monitor import ProgressAdvantageMonitor
 from .scorer import ProgressAdvantageScorer
+from .reward import ProgressAdvantageReward
 
 __all__ = [
     "Message", "ProgadvDataError", "ProgressAdvantageCallback", "ProgressAdvantageConfig", "ProgressAdvantageMonitor",
-    "ProgressAdvantageScorer", "StepScore", "ToolCall",
+    "ProgressAdvantageReward", "ProgressAdvantageScorer", "ScoringConfig", "StepScore", "ToolCall",
     "Trajectory", "TrajectoryScore", "__version__", "load_trajectories", "save_trajectories",
 ]

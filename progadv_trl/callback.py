@@ -39,17 +39,6 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "progadv_state.json"
 
 
-def _load_prompt_rows(source) -> list[dict]:
-    if isinstance(source, (str, Path)):
-        from datasets import load_dataset
-
-        path = str(source)
-        kind = "json" if path.endswith((".json", ".jsonl")) else path.rsplit(".", 1)[-1]
-        return list(load_dataset(kind, data_files=path, split="train"))
-    rows = list(source)
-    return [r if isinstance(r, dict) else {"prompt": r} for r in rows]
-
-
 class ProgressAdvantageCallback(TrainerCallback):
     """Scores held-out rollouts with progress advantage during training, tracks drift, exports the scorer.
 
@@ -80,15 +69,19 @@ class ProgressAdvantageCallback(TrainerCallback):
         self.tokenizer = tok
         self._heldout = None
         if self.config.heldout is not None:
-            from .loaders import load_trajectories
+            from .formats import load_trajectories
 
             self._heldout = load_trajectories(self.config.heldout)  # bad data fails now, not mid-run
             if self.config.quality_metric in ("auroc", "spearman", "best_of_n") and not any(
                     t.reward is not None for t in self._heldout):
                 raise ValueError(f"quality_metric={self.config.quality_metric!r} needs rewards on the held-out "
                                  "rollouts; none has one")
-        self._prompt_rows = (_load_prompt_rows(self.config.heldout_prompts)
-                             if self.config.heldout_prompts is not None else None)
+        self._prompt_rows = None
+        if self.config.heldout_prompts is not None:  # bad prompts or a trainer that cannot complete them fail now
+            from .rollouts import check_trainer, load_prompt_rows
+
+            check_trainer(trainer)
+            self._prompt_rows = load_prompt_rows(self.config.heldout_prompts)
         self.monitor: ProgressAdvantageMonitor | None = None
         self._last_eval_step: int | None = None
         self._in_row: dict[str, float] | None = None  # metrics waiting in the trainer's _metrics for its next row
@@ -109,11 +102,10 @@ class ProgressAdvantageCallback(TrainerCallback):
             return self._user_sampler
         from .rollouts import sample_rollouts
 
-        n = self.config.eval_num_generations or getattr(self.trainer.args, "num_generations", None) or 8
+        n = self.config.eval_num_generations or self.trainer.num_generations
 
-        def sample(policy):
-            rows = sample_rollouts(self.trainer, policy, self._prompt_rows, n, seed=self.config.seed,
-                                   tag="heldout-prompt")
+        def sample(policy):  # policy is trainer.model: the trainer generates with it (vLLM: its synced copy)
+            rows = sample_rollouts(self.trainer, self._prompt_rows, n, seed=self.config.seed, tag="heldout-prompt")
             return rows + (self._user_sampler(policy) if self._user_sampler is not None else [])
 
         return sample

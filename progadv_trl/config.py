@@ -1,4 +1,5 @@
-"""``ProgressAdvantageConfig``: everything a user sets for scoring, in one dataclass, readable from YAML."""
+"""The settings, as dataclasses readable from YAML: :class:`ScoringConfig` (what an exported scorer is) and
+:class:`ProgressAdvantageConfig` (a scoring config plus the callback's and monitor's training-time settings)."""
 
 from __future__ import annotations
 
@@ -170,19 +171,21 @@ def _hint(value: Any, tp: Any) -> str:
     return ""
 
 
-def _fields() -> dict[str, tuple[Any, Mapping]]:
-    """Field name -> (resolved annotation, metadata): the single source of every check."""
-    global _FIELDS
-    if _FIELDS is None:
-        hints = typing.get_type_hints(ProgressAdvantageConfig)
-        _FIELDS = {f.name: (hints[f.name], f.metadata) for f in dataclasses.fields(ProgressAdvantageConfig)}
-    return _FIELDS
+def _fields(config_class: type | None = None) -> dict[str, tuple[Any, Mapping]]:
+    """Field name -> (resolved annotation, metadata) of ``config_class`` (default: every field of
+    :class:`ProgressAdvantageConfig`): the single source of every check."""
+    config_class = config_class or ProgressAdvantageConfig
+    if config_class not in _FIELDS:
+        hints = typing.get_type_hints(config_class)
+        _FIELDS[config_class] = {f.name: (hints[f.name], f.metadata) for f in dataclasses.fields(config_class)}
+    return _FIELDS[config_class]
 
 
-_FIELDS: dict[str, tuple[Any, Mapping]] | None = None
+_FIELDS: dict[type, dict[str, tuple[Any, Mapping]]] = {}
 
 
-def check_value(name: str, value: Any, *, source: str | None = CLASS_SOURCE, label: str | None = None) -> Any:
+def check_value(name: str, value: Any, *, source: str | None = CLASS_SOURCE, label: str | None = None,
+                config_class: type | None = None) -> Any:
     """Check one setting against its field's annotation and metadata (type, finiteness, range, choices, non-empty)
     and return it normalised (an int given for a float field becomes a float). The one check every source goes
     through: the dataclass itself, :meth:`ProgressAdvantageConfig.from_dict` / ``from_file`` and the ``progadv`` flags.
@@ -190,7 +193,11 @@ def check_value(name: str, value: Any, *, source: str | None = CLASS_SOURCE, lab
     Raises:
         ConfigError: naming ``source`` and the field (or ``label``, e.g. the flag).
     """
-    fields = _fields()
+    fields = _fields(config_class)
+    if name not in fields and name in _fields():
+        raise ConfigError(f"a training setting of the callback/monitor ({CLASS_SOURCE}), not a scoring one: scorers "
+                          f"and the score/rank/attribute/evaluate commands do not take it", source=source,
+                          label=label or f"field {name!r}")
     if name not in fields:
         raise ConfigError(f"unknown field{_suggest(name, fields)}; known: {', '.join(fields)}", source=source,
                           label=label or f"field {name!r}")
@@ -225,12 +232,13 @@ def check_value(name: str, value: Any, *, source: str | None = CLASS_SOURCE, lab
     return out
 
 
-def check_settings(values: Any, *, source: str | None = CLASS_SOURCE,
-                   labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+def check_settings(values: Any, *, source: str | None = CLASS_SOURCE, labels: Mapping[str, str] | None = None,
+                   config_class: type | None = None) -> dict[str, Any]:
     """:func:`check_value` for each named setting: the checked, normalised values, with the keys as given."""
     if not isinstance(values, Mapping):
         raise ConfigError(f"expected a mapping of config fields, got {_show(values)}", source=source)
-    return {k: check_value(k, v, source=source, label=(labels or {}).get(k)) for k, v in values.items()}
+    return {k: check_value(k, v, source=source, label=(labels or {}).get(k), config_class=config_class)
+            for k, v in values.items()}
 
 
 def decode_escapes(text: str, *, source: str | None = None, label: str | None = None) -> str:
@@ -271,9 +279,10 @@ def decode_escapes(text: str, *, source: str | None = None, label: str | None = 
 
 
 @dataclass
-class ProgressAdvantageConfig:
+class ScoringConfig:
     r"""
-    Configuration of progress-advantage scoring.
+    Configuration of progress-advantage scoring: everything an exported scorer is (``progadv_config.json`` holds
+    exactly these fields).
 
     Every field is checked on construction against its annotation and metadata (:func:`check_value`): booleans must
     be ``True``/``False``, integers no floats or booleans, numbers finite and within their field's range, names one of
@@ -330,9 +339,105 @@ class ProgressAdvantageConfig:
             (today the same as ``"torch"`` on every device).
         seed (`int`, *optional*, defaults to `0`):
             Seed of the random baseline.
+    """
 
-        > Parameters used during training (callback and monitor)
+    beta: float = field(default=1.0, metadata={"help": "Scale of the log-ratio (the trainer's KL coefficient; 1.0 for beta-0 runs).", "gt": 0, "le": BETA_MAX})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature the logits are divided by.", "ge": TEMPERATURE_MIN, "le": TEMPERATURE_MAX})
+    token_agg: str | None = field(default=None, metadata={"help": "Token aggregation within a step (None: sum, or mean under compat='authors').", "choices": TOKEN_AGGREGATIONS})
+    step_agg: str = field(default="mean", metadata={"help": "Step aggregation over a trajectory.", "choices": STEP_AGGREGATIONS})
+    cumulative: bool = field(default=False, metadata={"help": "Aggregate running sums of step advantages (ImplicitPRM view)."})
+    compat: str | None = field(default=None, metadata={"help": "'authors' reproduces the paper code's conventions.", "choices": COMPAT_MODES})
+    rendering: str = field(default="chat_template", metadata={"help": "How messages become text.", "choices": RENDERINGS})
+    step_separator: str | None = field(default=None, metadata={"help": "Split each action's content into steps at this separator.", "nonempty": True})
+    max_length: int = field(default=16384, metadata={"help": "Left-truncate trajectories longer than this many tokens.", "ge": 2, "le": INT_MAX})
+    baselines: list[str] = field(default_factory=list, metadata={"help": "Baselines to report beside progress advantage, or 'all'.", "item_choices": (*BASELINES, "all")})
+    top_k: int = field(default=20, metadata={"help": "k of DeepConf's token confidence.", "ge": 1, "le": INT_MAX})
+    deepconf_window: int = field(default=2048, metadata={"help": "DeepConf sliding-window length in tokens.", "ge": 1, "le": INT_MAX})
+    deepconf_tail: int = field(default=2048, metadata={"help": "DeepConf tail length in tokens.", "ge": 1, "le": INT_MAX})
+    success_threshold: float = field(default=1.0, metadata={"help": "Success means reward >= this."})
+    attribution: str = field(default="running_sum", metadata={"help": "Failure attribution method.", "choices": ATTRIBUTION_METHODS})
+    attribution_threshold: float | None = field(default=None, metadata={"help": "Threshold for attribution='threshold'."})
+    batch_size: int = field(default=8, metadata={"help": "Trajectories per forward pass.", "ge": 1, "le": INT_MAX})
+    chunk_size: int | None = field(default=None, metadata={"help": "Vocabulary chunk of the fused kernel.", "ge": 1, "le": INT_MAX})
+    backend: str = field(default="auto", metadata={"help": "Fused-kernel backend ('auto' is 'torch' everywhere today).", "choices": BACKENDS})
+    seed: int = field(default=0, metadata={"help": "Seed of the random baseline.", "ge": 0, "le": SEED_MAX})
 
+    def __post_init__(self):
+        # One check for every field, from its annotation and metadata (see check_value); then the cross-field rules.
+        cls = type(self)
+        for name in _fields(cls):
+            setattr(self, name, check_value(name, getattr(self, name), source=cls.__name__, config_class=cls))
+        if "all" in self.baselines:
+            self.baselines = list(BASELINES)
+        self.baselines = list(dict.fromkeys(self.baselines))
+        if self.token_agg is None:
+            self.token_agg = "mean" if self.compat == "authors" else "sum"
+        if self.compat == "authors":
+            self.rendering = "plain"
+        if self.attribution == "threshold" and self.attribution_threshold is None:
+            raise ConfigError("a number is needed when attribution is 'threshold'", source=cls.__name__,
+                              field="attribution_threshold")
+
+    @property
+    def per_model_aggregation(self) -> bool:
+        """The authors aggregate each model's log-probs over a step, then subtract."""
+        return self.compat == "authors"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields."""
+        return {"config_version": CONFIG_VERSION, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    def merged(self, overrides: Mapping[str, Any], *, source: str | None = None) -> "ScoringConfig":
+        """A copy with the settings ``overrides`` names replaced (checked) and every other one kept.
+
+        Settings derived from ``compat`` follow a change of it unless named too: a ``token_agg`` still at the old
+        mode's default becomes the new mode's default, and leaving ``compat="authors"`` gives back the default
+        rendering (that mode forces ``"plain"``)."""
+        source = source or type(self).__name__
+        named = check_settings(overrides, source=source, config_class=type(self))
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if "compat" in named and named["compat"] != self.compat:
+            if "token_agg" not in named and self.token_agg == ("mean" if self.compat == "authors" else "sum"):
+                values["token_agg"] = None
+            if "rendering" not in named and self.compat == "authors":
+                values["rendering"] = next(f.default for f in dataclasses.fields(self) if f.name == "rendering")
+        values.update(named)
+        try:
+            return type(self)(**values)
+        except ConfigError as e:  # a cross-field rule: name where the overrides came from
+            raise ConfigError(e.problem, source=source, field=e.field, label=e.label) from None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "ScoringConfig":
+        """A config from the fields ``data`` names (the others keep their defaults), each checked; errors name
+        ``source`` (e.g. the file) and the field."""
+        return cls.from_settings(read_settings(data, source, config_class=cls), source)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], source: str | None = None) -> "ScoringConfig":
+        """The defaults with ``settings`` (named fields) applied."""
+        source = source or cls.__name__
+        try:
+            return cls(**check_settings(settings, source=source, config_class=cls))
+        except ConfigError as e:
+            raise ConfigError(e.problem, source=source, field=e.field, label=e.label) from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "ScoringConfig":
+        """Read a YAML or JSON file (see :func:`read_config_file`): the fields it names over the defaults."""
+        return cls.from_settings(read_config_file(path), str(path))
+
+
+SCORING_FIELDS = tuple(f.name for f in dataclasses.fields(ScoringConfig))
+
+
+@dataclass
+class ProgressAdvantageConfig(ScoringConfig):
+    r"""
+    Configuration of the callback and the monitor: every :class:`ScoringConfig` field (how held-out rollouts are
+    scored and what the exported scorer is) plus the training-time settings below, which are never exported.
+
+    Parameters:
         heldout (`str`, `datasets.Dataset`, `list` or `None`, *optional*, defaults to `None`):
             Fixed labelled rollouts scored at every evaluation: a file or folder for
             :func:`~progadv_trl.load_trajectories`, a dataset, or a list of trajectories.
@@ -376,26 +481,6 @@ class ProgressAdvantageConfig:
             new best (survives a crash, costs a full copy of the weights per new best); ``"none"`` never.
     """
 
-    beta: float = field(default=1.0, metadata={"help": "Scale of the log-ratio (the trainer's KL coefficient; 1.0 for beta-0 runs).", "gt": 0, "le": BETA_MAX})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature the logits are divided by.", "ge": TEMPERATURE_MIN, "le": TEMPERATURE_MAX})
-    token_agg: str | None = field(default=None, metadata={"help": "Token aggregation within a step.", "choices": TOKEN_AGGREGATIONS})
-    step_agg: str = field(default="mean", metadata={"help": "Step aggregation over a trajectory.", "choices": STEP_AGGREGATIONS})
-    cumulative: bool = field(default=False, metadata={"help": "Aggregate running sums of step advantages (ImplicitPRM view)."})
-    compat: str | None = field(default=None, metadata={"help": "'authors' reproduces the paper code's conventions.", "choices": COMPAT_MODES})
-    rendering: str = field(default="chat_template", metadata={"help": "How messages become text.", "choices": RENDERINGS})
-    step_separator: str | None = field(default=None, metadata={"help": "Split each action's content into steps at this separator.", "nonempty": True})
-    max_length: int = field(default=16384, metadata={"help": "Left-truncate trajectories longer than this many tokens.", "ge": 2, "le": INT_MAX})
-    baselines: list[str] = field(default_factory=list, metadata={"help": "Baselines to report, or ['all'].", "item_choices": (*BASELINES, "all")})
-    top_k: int = field(default=20, metadata={"help": "k of DeepConf's token confidence.", "ge": 1, "le": INT_MAX})
-    deepconf_window: int = field(default=2048, metadata={"help": "DeepConf sliding-window length in tokens.", "ge": 1, "le": INT_MAX})
-    deepconf_tail: int = field(default=2048, metadata={"help": "DeepConf tail length in tokens.", "ge": 1, "le": INT_MAX})
-    success_threshold: float = field(default=1.0, metadata={"help": "Success means reward >= this."})
-    attribution: str = field(default="running_sum", metadata={"help": "Failure attribution method.", "choices": ATTRIBUTION_METHODS})
-    attribution_threshold: float | None = field(default=None, metadata={"help": "Threshold for attribution='threshold'."})
-    batch_size: int = field(default=8, metadata={"help": "Trajectories per forward pass.", "ge": 1, "le": INT_MAX})
-    chunk_size: int | None = field(default=None, metadata={"help": "Vocabulary chunk of the fused kernel.", "ge": 1, "le": INT_MAX})
-    backend: str = field(default="auto", metadata={"help": "Fused-kernel backend ('auto' is 'torch' everywhere today).", "choices": BACKENDS})
-    seed: int = field(default=0, metadata={"help": "Seed of the random baseline.", "ge": 0, "le": SEED_MAX})
     heldout: Any = field(default=None, metadata={"help": "Fixed labelled held-out rollouts (path, dataset or list)."})
     heldout_prompts: Any = field(default=None, metadata={"help": "Held-out prompts the current policy completes at each evaluation."})
     eval_num_generations: int | None = field(default=None, metadata={"help": "Completions per held-out prompt (default: the trainer's num_generations).", "ge": 1, "le": INT_MAX})
@@ -411,76 +496,39 @@ class ProgressAdvantageConfig:
     export_dir: str | None = field(default=None, metadata={"help": "Where scorers and the snapshot reference go (default: <output_dir>/_progadv, not pushed to the Hub).", "nonempty": True, "path": True})
     best_export: str = field(default="end", metadata={"help": "When the best scorer is written.", "choices": BEST_EXPORTS})
 
-    def __post_init__(self):
-        # One check for every field, from its annotation and metadata (see check_value); then the cross-field rules.
-        for name in _fields():
-            setattr(self, name, check_value(name, getattr(self, name)))
-        if "all" in self.baselines:
-            self.baselines = list(BASELINES)
-        self.baselines = list(dict.fromkeys(self.baselines))
-        if self.token_agg is None:
-            self.token_agg = "mean" if self.compat == "authors" else "sum"
-        if self.compat == "authors":
-            self.rendering = "plain"
-        if self.attribution == "threshold" and self.attribution_threshold is None:
-            raise ConfigError("a number is needed when attribution is 'threshold'", source=CLASS_SOURCE,
-                              field="attribution_threshold")
-
-    @property
-    def per_model_aggregation(self) -> bool:
-        """The authors aggregate each model's log-probs over a step, then subtract."""
-        return self.compat == "authors"
+    def scoring(self) -> ScoringConfig:
+        """The scoring part: what an exported scorer holds."""
+        return ScoringConfig(**{name: getattr(self, name) for name in SCORING_FIELDS})
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready fields; held-out data given as objects (datasets, lists) is recorded as ``None``."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if out.get("export_dir") is not None:
+        out = super().to_dict()
+        if out["export_dir"] is not None:
             out["export_dir"] = str(out["export_dir"])
         for key in ("heldout", "heldout_prompts"):
             if not isinstance(out[key], (str, type(None))):
                 out[key] = None
-        return {"config_version": CONFIG_VERSION, **out}
-
-    def merged(self, overrides: Mapping[str, Any], *, source: str | None = CLASS_SOURCE) -> "ProgressAdvantageConfig":
-        """A copy with the settings ``overrides`` names replaced (checked) and every other one kept.
-
-        Settings derived from ``compat`` follow a change of it unless named too: a ``token_agg`` still at the old
-        mode's default becomes the new mode's default, and leaving ``compat="authors"`` gives back the default
-        rendering (that mode forces ``"plain"``)."""
-        named = check_settings(overrides, source=source)
-        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if "compat" in named and named["compat"] != self.compat:
-            if "token_agg" not in named and self.token_agg == ("mean" if self.compat == "authors" else "sum"):
-                values["token_agg"] = None
-            if "rendering" not in named and self.compat == "authors":
-                values["rendering"] = next(f.default for f in dataclasses.fields(self) if f.name == "rendering")
-        values.update(named)
-        try:
-            return type(self)(**values)
-        except ConfigError as e:  # a cross-field rule: name where the overrides came from
-            raise ConfigError(e.problem, source=source, field=e.field, label=e.label) from None
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "config") -> "ProgressAdvantageConfig":
-        """A config from the fields ``data`` names (the others keep their defaults), each checked; errors name
-        ``source`` (e.g. the file) and the field."""
-        return cls.from_settings(read_settings(data, source), source)
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any], source: str = CLASS_SOURCE) -> "ProgressAdvantageConfig":
-        """The defaults with ``settings`` (named fields) applied."""
-        try:
-            return cls(**check_settings(settings, source=source))
-        except ConfigError as e:
-            raise ConfigError(e.problem, source=source, field=e.field, label=e.label) from None
-
-    @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "ProgressAdvantageConfig":
-        """Read a YAML or JSON file (see :func:`read_config_file`): the fields it names over the defaults."""
-        return cls.from_settings(read_config_file(path), str(path))
+        return out
 
 
-def read_settings(data: Any, source: str) -> dict[str, Any]:
+TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(ProgressAdvantageConfig) if f.name not in SCORING_FIELDS)
+
+
+def as_scoring(config: ScoringConfig | None) -> ScoringConfig:
+    """The scoring config of ``config`` (the defaults for ``None``; the scoring part of a
+    :class:`ProgressAdvantageConfig`)."""
+    if config is None:
+        return ScoringConfig()
+    return config.scoring() if isinstance(config, ProgressAdvantageConfig) else config
+
+
+def scoring_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The scoring fields of ``settings`` (a training run's file may also hold the callback's fields: they do not
+    change a score, so scoring leaves them out)."""
+    return {k: v for k, v in settings.items() if k in SCORING_FIELDS}
+
+
+def read_settings(data: Any, source: str, *, config_class: type | None = None) -> dict[str, Any]:
     """The settings a mapping names (``config_version`` checked and dropped), each checked; nothing else added."""
     if not isinstance(data, Mapping):
         raise ConfigError(f"expected a mapping of config fields, got {_show(data)}", source=source)
@@ -491,7 +539,7 @@ def read_settings(data: Any, source: str) -> dict[str, Any]:
     if version > CONFIG_VERSION:
         raise ConfigError(f"{version!r} is newer than this progadv-trl supports ({CONFIG_VERSION}); upgrade "
                           f"progadv-trl", source=source, field="config_version")
-    return check_settings(data, source=source)
+    return check_settings(data, source=source, config_class=config_class)
 
 
 class _UniqueKeyLoader:

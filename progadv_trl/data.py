@@ -100,7 +100,7 @@ class Trajectory:
 
     Args:
         messages: the conversation, in order.
-        id: a unique identifier (loaders fill ``"<index>"`` when the source has none).
+        id: a unique identifier (loading fills ``"<index>"`` when the source has none).
         group: trajectories with the same group answer the same task (best-of-N picks one per group).
         reward: the outcome; success is ``reward >= success_threshold`` (1.0 by default).
         mistake_step: 0-based index into ``messages`` of the decisive error, when labelled.
@@ -115,7 +115,7 @@ class Trajectory:
     mistake_step: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     action_indices: tuple[int, ...] | None = None
-    #: Where the trajectory was read (set by the loaders): the source (file path, ``<list>``, ...) and the record
+    #: Where the trajectory was read (set on loading): the source (file path, ``<list>``, ...) and the record
     #: (``"3 (line 5)"``, a row index, ...). Not data: not compared, not written by :meth:`to_dict`.
     source: str | None = field(default=None, compare=False, repr=False)
     source_record: str | int | None = field(default=None, compare=False, repr=False)

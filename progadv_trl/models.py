@@ -8,12 +8,15 @@ runs no remote code unless ``trust_remote_code=True``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from .sharding import sharding_of
 
 WEIGHT_SUFFIXES = (".safetensors",)
 
@@ -30,7 +33,71 @@ class LMHead:
 
     @property
     def vocab_size(self) -> int:
-        return self.weight.shape[0]
+        return (getattr(self.weight, "ds_shape", None) or self.weight.shape)[0]  # ZeRO-3 keeps a 0-size placeholder
+
+
+def gather_head(head: LMHead) -> LMHead:
+    """``head`` with whole tensors on this rank: a ``DTensor`` weight (FSDP2) is all-gathered with
+    ``full_tensor()``, a ZeRO-3 partitioned one copied out of ``deepspeed.zero.GatheredParameters``; only the head
+    (weight and bias) is gathered, never the rest of the model. Under sharding this is a collective: every rank calls
+    it. Whole tensors are returned as they are."""
+    weight, bias = head.weight, head.bias
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p for p in (weight, bias) if p is not None], modifier_rank=None):
+            weight = weight.detach().clone()
+            bias = None if bias is None else bias.detach().clone()
+    else:
+        weight, bias = whole_tensor(weight), whole_tensor(bias)
+    return dataclasses.replace(head, weight=weight, bias=bias)
+
+
+def unsharded_copy(view: "ModelView") -> "ModelView | None":
+    """A whole copy of a sharded view's model on rank 0's CPU (``None`` on the other ranks; the view itself when it
+    is not sharded), for saving: FSDP2's full state dict gathered by ``get_model_state_dict(full_state_dict=True,
+    cpu_offload=True)``, ZeRO-3's one parameter at a time in ``GatheredParameters``, loaded into a model built on the
+    meta device (tensors in their own dtype, no second initialisation). A collective: every rank calls it."""
+    model = strip_wrappers(view.model)
+    kind = sharding_of(model)
+    if kind is None:
+        return view
+    if is_peft_model(model):
+        from .sharding import UnsupportedSetupError
+
+        raise UnsupportedSetupError(f"progadv: saving a PEFT model sharded with {kind} is not supported; set "
+                                    "export=False and save the adapter with the trainer")
+    main = torch.distributed.get_rank() == 0
+    if kind == "zero3":
+        import deepspeed
+
+        state = {}
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                if main:
+                    state[name] = p.detach().to("cpu", copy=True)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not main:
+        return None
+    cls = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))  # fully_shard's subclass
+    with torch.device("meta"):
+        clone = cls(model.config)
+    clone.load_state_dict(state, strict=False, assign=True)
+    clone.tie_weights()  # a tied head is one parameter, gathered once under its first name
+    missing = [n for n, p in clone.named_parameters() if p.is_meta]
+    if missing:
+        raise RuntimeError(f"progadv: the gathered state dict of the sharded model lacks {missing[:5]}")
+    return ModelView(clone.eval(), view.adapter)
+
+
+def whole_tensor(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` itself, or the all-gathered value of a ``DTensor`` (FSDP2 shards; a collective)."""
+    if t is not None and hasattr(t, "full_tensor") and hasattr(t, "placements"):  # a DTensor
+        return t.full_tensor().detach()
+    return t
 
 
 def is_peft_model(model) -> bool:
@@ -116,12 +183,61 @@ class ModelView:
         ``shared_prefix = P > 0`` says the rows share their first ``P`` tokens: the prefix is encoded once and its
         key/value cache reused for every row's suffix (a best-of-N group's prompt costs one pass, not N).
         """
-        decoder = unwrap(self.model).get_decoder()
         with self.active():
+            if sharding_of(strip_wrappers(self.model)) is not None:
+                return _root_forward(strip_wrappers(self.model), input_ids, attention_mask)
+            decoder = unwrap(self.model).get_decoder()
             if shared_prefix > 0:
                 return _with_shared_prefix(decoder, input_ids, attention_mask, shared_prefix)
             mask = None if bool(attention_mask.all()) else attention_mask  # no padding: SDPA's causal kernel
             return decoder(input_ids=input_ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+def _root_forward(model, input_ids, attention_mask) -> torch.Tensor:
+    """``[B, L, H]`` final hidden states from one forward of the root module, for sharded models: FSDP2's and
+    ZeRO-3's hooks on it gather each layer's shards and free them (running the inner decoder would bypass the root's
+    and meet sharded embeddings). A forward hook on the decoder keeps its output; the head is run on the last position
+    only (``logits_to_keep=1``), so no ``[B, L, vocab]`` logits are built. One forward per call, whatever the data."""
+    base = unwrap(model)
+    keep_one = "logits_to_keep" in inspect.signature(base.forward).parameters
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+        captured.append(hidden)
+        if not keep_one:  # hand the head the last position only
+            if hasattr(output, "last_hidden_state"):
+                output.last_hidden_state = hidden[:, -1:]
+                return output
+            return (hidden[:, -1:], *output[1:])
+        return None
+
+    handle = base.get_decoder().register_forward_hook(hook)
+    try:
+        mask = None if bool(attention_mask.all()) else attention_mask
+        model(input_ids=input_ids, attention_mask=mask, use_cache=False, **({"logits_to_keep": 1} if keep_one else {}))
+    finally:
+        handle.remove()
+    _reshard(model)
+    return captured[-1]
+
+
+def _reshard(model) -> None:
+    """Free FSDP2's unsharded parameters (the root keeps them after a forward without backward), so that the model is
+    left as training expects it: every parameter a ``DTensor`` shard."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def cache_keyword(forward) -> str:
+    """The keyword a model's ``forward`` takes its key/value cache by: transformers >= 5.24 names it ``cache``
+    (``past_key_values`` is deprecated there)."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def _with_shared_prefix(decoder, input_ids, attention_mask, p: int) -> torch.Tensor:
@@ -130,9 +246,8 @@ def _with_shared_prefix(decoder, input_ids, attention_mask, p: int) -> torch.Ten
     cache = getattr(prefix, "cache", None) or prefix.past_key_values
     cache.batch_repeat_interleave(rows)
     mask = attention_mask if not bool(attention_mask.all()) else None
-    # transformers >= 5.24 names the argument `cache` (`past_key_values` is deprecated there)
-    name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-    suffix = decoder(input_ids=input_ids[:, p:], attention_mask=mask, use_cache=True, **{name: cache})
+    suffix = decoder(input_ids=input_ids[:, p:], attention_mask=mask, use_cache=True,
+                     **{cache_keyword(decoder.forward): cache})
     return torch.cat([prefix.last_hidden_state.expand(rows, -1, -1), suffix.last_hidden_state], 1)
 
 
@@ -148,16 +263,25 @@ def _check_safetensors(path: Path) -> None:
 
 
 def load_causal_lm(source, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                   trust_remote_code: bool = False, adapter_base=None):
+                   trust_remote_code: bool = False, adapter_base=None, device_map: str | dict | None = None,
+                   attn_implementation: str | None = None, revision: str | None = None, quantization_config=None):
     """A causal LM from a loaded model (returned as is) or a local folder / hub id; an adapter folder gives a
-    ``PeftModel`` on its base (``adapter_base`` overrides the base recorded in the adapter config)."""
+    ``PeftModel`` on its base (``adapter_base`` overrides the base recorded in the adapter config).
+
+    ``device_map``, ``attn_implementation``, ``revision`` and ``quantization_config`` (a transformers
+    ``BitsAndBytesConfig`` or its dict, e.g. ``{"load_in_4bit": True}``) go to ``from_pretrained``; for an adapter
+    folder they apply to its base. ``revision`` names a revision of a hub repository: it is refused for a local
+    folder, which has none. A quantized model is placed with ``device_map={"": device}`` (it cannot be moved).
+    """
     if isinstance(source, torch.nn.Module):
         return source
     from transformers import AutoModelForCausalLM
 
-    kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    if device is not None and device_map is not None:
+        raise ValueError(f"give device ({device!r}) or device_map ({device_map!r}), not both")
+    quantization_config = _quantization_config(quantization_config)
+    if quantization_config is not None and device is not None:
+        device_map, device = {"": str(device)}, None
     path = Path(source)
     if path.exists():
         _check_safetensors(path)
@@ -169,13 +293,45 @@ def load_causal_lm(source, *, dtype: torch.dtype | None = None, device: str | to
         base_src = adapter_base
         if base_src is None:
             base_src = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        base = load_causal_lm(base_src, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        base = load_causal_lm(base_src, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                              device_map=device_map, attn_implementation=attn_implementation, revision=revision,
+                              quantization_config=quantization_config)
         model = PeftModel.from_pretrained(base, str(path), is_trainable=False)
     else:
+        if revision is not None and path.exists():
+            raise ValueError(f"revision={revision!r}: {source} is a local folder, which has no revisions (revision "
+                             f"selects a commit, branch or tag of a hub model id); check out that revision into a "
+                             f"folder and load it, or drop revision")
+        kwargs = {"trust_remote_code": trust_remote_code, "use_safetensors": True}
+        for name, value in (("dtype", dtype), ("device_map", device_map), ("attn_implementation", attn_implementation),
+                            ("revision", revision), ("quantization_config", quantization_config)):
+            if value is not None:
+                kwargs[name] = value
         model = AutoModelForCausalLM.from_pretrained(str(source), **kwargs)
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+def _quantization_config(config):
+    """``config`` as a transformers quantization config (a dict without ``quant_method`` is a
+    ``BitsAndBytesConfig``); a clear error when bitsandbytes, which it needs, is not installed."""
+    if config is None:
+        return None
+    if isinstance(config, dict):
+        from transformers import BitsAndBytesConfig
+        from transformers.quantizers import AutoQuantizationConfig
+
+        config = (AutoQuantizationConfig.from_dict(dict(config)) if "quant_method" in config
+                  else BitsAndBytesConfig(**config))
+    method = getattr(config, "quant_method", None)
+    if getattr(method, "value", method) == "bitsandbytes":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("quantization_config (4-bit / 8-bit loading) needs the bitsandbytes package, which is "
+                             "not installed: pip install bitsandbytes")
+    return config
 
 
 def load_tokenizer(source, *, trust_remote_code: bool = False):
@@ -210,6 +366,7 @@ class CachedView:
         self._cache: dict[bytes, torch.Tensor] = {}
         self._used: set[bytes] = set()
         self.hits = self.misses = 0
+        self._sharded = False
 
     def _model_view(self) -> ModelView:
         if self._view is None:
@@ -235,6 +392,8 @@ class CachedView:
     @torch.no_grad()
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                       shared_prefix: int = 0) -> torch.Tensor:
+        if self._sharded:
+            return self._model_view().hidden_states(input_ids, attention_mask, shared_prefix)
         lengths = attention_mask.sum(-1).tolist()
         keys = [input_ids[b, :n].cpu().numpy().tobytes() for b, n in enumerate(lengths)]
         self._used.update(keys)
@@ -247,6 +406,9 @@ class CachedView:
             return out.to(self.device)
         self.misses += len(keys)
         hidden = self._model_view().hidden_states(input_ids, attention_mask, shared_prefix)
+        if sharding_of(strip_wrappers(self._view.model)) is not None:
+            self._sharded = True  # every rank must run every forward: no cache (a hit would skip a collective)
+            return hidden
         for b, (k, n) in enumerate(zip(keys, lengths)):
             self._cache[k] = hidden[b, :n].detach().to("cpu")
         return hidden
@@ -259,7 +421,7 @@ class CachedView:
     def release(self) -> None:
         """Let go of the model (keep a copy of its head): the next miss loads it again."""
         if self._view is not None:
-            h = self._view.head
+            h = gather_head(self._view.head)
             self._head = LMHead(h.weight.detach().clone(), None if h.bias is None else h.bias.detach().clone(),
                                 h.logit_scale, h.softcap)
             self._view = None

@@ -11,8 +11,9 @@ The callback is a thin layer over it; custom loops (PPO, verl, OpenRLHF) call it
     monitor.export(policy)                             # runs/ppo/_progadv/scorer
     monitor.export_best(policy)                        # runs/ppo/_progadv/scorer-best (the best evaluation)
 
-Under ``torch.distributed``, every rank scores its share of the held-out rollouts, results are gathered, and every
-rank computes the same metrics; only rank 0 writes files.
+Under ``torch.distributed``, every rank scores its share of the held-out rollouts (the same number on every rank,
+so that sharded models run the same forwards everywhere: :mod:`progadv_trl.distributed`), results are gathered in
+input order, and every rank computes the same metrics; only rank 0 writes files.
 """
 
 from __future__ import annotations
@@ -30,13 +31,15 @@ import torch
 from .baselines import BASELINES
 from .config import ProgressAdvantageConfig
 from .data import Trajectory
+from .distributed import merge_in_order, split_evenly
 from .drift import DecayDetector, token_drift
+from .hub import heldout_metrics
 from .metrics import kendall_tau
-from .models import CachedView, ModelView
+from .models import CachedView, ModelView, strip_wrappers, unsharded_copy
 from .reference import Reference
 from .results import METHOD, evaluation_table
 from .scorer import ProgressAdvantageScorer
-from .sharding import check_supported
+from .sharding import check_supported, sharding_of
 
 logger = logging.getLogger(__name__)
 HISTORY_FILE = "progadv-history.jsonl"
@@ -93,7 +96,7 @@ class ProgressAdvantageMonitor:
             export_dir = export_root(self.config, self.output_dir)
         self.export_dir = Path(export_dir) if export_dir is not None else None
         if heldout is None and self.config.heldout is not None:
-            from .loaders import load_trajectories
+            from .formats import load_trajectories
 
             heldout = load_trajectories(self.config.heldout)
         self.heldout = list(heldout or [])
@@ -112,8 +115,7 @@ class ProgressAdvantageMonitor:
     # ------------------------------------------------------------------ evaluation
     def _scorer(self, policy, reference_view, temperature: float, beta: float) -> ProgressAdvantageScorer:
         baselines = self.config.baselines or (list(BASELINES) if self.config.log_baselines else [])
-        cfg = dataclasses.replace(self.config, temperature=temperature, beta=beta, heldout=None,
-                                  heldout_prompts=None, baselines=baselines)
+        cfg = dataclasses.replace(self.config.scoring(), temperature=temperature, beta=beta, baselines=baselines)
         return ProgressAdvantageScorer(policy if isinstance(policy, ModelView) else ModelView(policy),
                                        reference_view, self.tokenizer, None, cfg)
 
@@ -133,13 +135,18 @@ class ProgressAdvantageMonitor:
             if self.sampler is not None:
                 trajectories += self.sampler(policy)
             rank, world = _dist()
-            shard = trajectories[rank::world]
+            counts = _gather(len(trajectories))
+            if len(set(counts)) > 1:
+                raise ValueError(f"progadv: the ranks hold different numbers of rollouts to score ({counts}, by "
+                                 "rank); the held-out set and the sampler must give every rank the same list")
+            shard, n_real = split_evenly(trajectories, rank, world)
             ref_view = self._cached if self._cached is not None else self.reference.view()
             scorer = self._scorer(policy, ref_view, temperature, beta)
             results, drift = scorer.score_with_drift(shard)
+            results, drift = results[:n_real], drift[:n_real]  # the rest repeat an item to keep ranks in step
             t1_results = None
             if self.config.also_temperature_one and temperature != 1.0:
-                t1_results = self._scorer(policy, ref_view, 1.0, beta).score(shard)
+                t1_results = self._scorer(policy, ref_view, 1.0, beta).score(shard)[:n_real]
             weight = self.reference.weight_drift(model)
         finally:
             model.train(was_training)
@@ -148,32 +155,24 @@ class ProgressAdvantageMonitor:
                 if self.reference.kind == "snapshot" and self.reference.device is not None and \
                         self.reference._view is None:  # a snapshot kept on disk: do not hold it between evaluations
                     self._cached.release()
-        gathered = _gather((rank, results, drift, t1_results))
-        results, drift, t1_results = self._unshard(gathered, len(trajectories), world)
+        results, drift, t1_results = self._unshard(_gather((results, drift, t1_results)))
         metrics = self._metrics(results, drift, t1_results, weight)
         metrics["progadv/seconds"] = time.perf_counter() - t0
         self._record(step, metrics, results, temperature, beta, policy)
         return metrics
 
     @staticmethod
-    def _unshard(gathered, n: int, world: int):
-        results: list = [None] * n
-        drift: list = [None] * n
-        t1: list | None = None
-        for rank, res, dr, t1r in gathered:
-            for k, (r, d) in enumerate(zip(res, dr)):
-                results[rank + k * world], drift[rank + k * world] = r, d
-            if t1r is not None:
-                t1 = t1 or [None] * n
-                for k, r in enumerate(t1r):
-                    t1[rank + k * world] = r
+    def _unshard(gathered):
+        """Every rank's ``(results, drift, t1_results)``, in rank order -> the three lists in input order."""
+        results = merge_in_order([res for res, _, _ in gathered])
+        drift = merge_in_order([dr for _, dr, _ in gathered])
+        t1 = merge_in_order([t1r for _, _, t1r in gathered]) if gathered[0][2] is not None else None
         return results, drift, t1
 
     def _metrics(self, results, drift, t1_results, weight: float) -> dict[str, float]:
         cfg = self.config
         out: dict[str, float] = {}
-        methods = cfg.baselines or None
-        table = evaluation_table(results, methods if cfg.log_baselines else [], attribution=cfg.attribution,
+        table = evaluation_table(results, None if cfg.log_baselines else [], attribution=cfg.attribution,
                                  threshold=cfg.attribution_threshold)
         for col in QUALITY_COLUMNS:
             out[f"progadv/{col}"] = table[METHOD][col]
@@ -213,12 +212,12 @@ class ProgressAdvantageMonitor:
         is_best, warning = self.detector.update(step, quality)
         if warning:
             logger.warning(warning)
-        if not self.is_main_process:
-            return
-        if self.output_dir is not None:
+        if self.is_main_process and self.output_dir is not None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / HISTORY_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
+        if not self.is_main_process and not self._sharded(policy):  # sharded: every rank takes part in exports
+            return
         if is_best and self.config.export and self.export_dir is not None:
             if self.config.best_export == "every_best":
                 self.export(policy, self.export_dir / BEST_SCORER_DIR, step=step, temperature=temperature, beta=beta)
@@ -230,10 +229,23 @@ class ProgressAdvantageMonitor:
     def is_main_process(self) -> bool:
         return _dist()[0] == 0
 
+    def _sharded(self, policy, reference_view: ModelView | None = None) -> bool:
+        """Whether the policy (or the given reference view) is sharded (FSDP2, ZeRO-3): saving it is a collective."""
+        views = (policy if isinstance(policy, ModelView) else ModelView(policy), reference_view)
+        return any(v is not None and sharding_of(strip_wrappers(v.model)) is not None for v in views)
+
     # ------------------------------------------------------------------ export and state
     def export(self, policy, path: str | Path | None = None, *, step: int | None = None,
                temperature: float | None = None, beta: float | None = None) -> Path | None:
-        """Save a scorer (policy + reference + config) that reproduces this monitor's scores; rank 0 only."""
+        """Save a scorer (policy + reference + config) that reproduces this monitor's scores; rank 0 writes. Under
+        FSDP2 / ZeRO-3 every rank must call it: the weights are gathered to rank 0 first."""
+        policy_view = policy if isinstance(policy, ModelView) else ModelView(policy)
+        sharded = self._sharded(policy_view)
+        if not self.is_main_process and not sharded:
+            return None
+        ref_view = self.reference.view()
+        if sharded:
+            policy_view, ref_view = unsharded_copy(policy_view), unsharded_copy(ref_view)
         if not self.is_main_process:
             return None
         if path is None:
@@ -242,15 +254,18 @@ class ProgressAdvantageMonitor:
             path = self.export_dir / SCORER_DIR
         temperature = self.config.temperature if temperature is None else temperature
         beta = self.config.beta if beta is None else beta
-        scorer = self._scorer(policy, self.reference.view(), temperature, beta)
+        scorer = self._scorer(policy_view, ref_view, temperature, beta)
         scorer.provenance = {"step": step, "reference": self.reference.describe()}
+        metrics = heldout_metrics(self.history, step, temperature, beta)  # shown in the exported model card
+        if metrics is not None:
+            scorer.provenance["heldout_metrics"] = metrics
         return scorer.save_pretrained(path)
 
     def export_best(self, policy, path: str | Path | None = None) -> Path | None:
         """Write the best evaluation's scorer (``best_export="end"``): the kept weights are put into ``policy`` for
         the save and the current ones put back after; rank 0 only. Returns the path, or ``None`` when nothing is
         kept (no best yet, another rank, or the best came before a resume)."""
-        if self._best is None or not self.is_main_process:
+        if self._best is None or not (self.is_main_process or self._sharded(policy)):
             if self.config.best_export == "end" and self.is_main_process and self.detector.best_step is not None:
                 logger.warning("progadv: the best evaluation (step %s) is not in memory (it came before a resume); "
                                "scorer-best not written. best_export='every_best' writes it when it happens",

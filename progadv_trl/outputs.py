@@ -40,6 +40,12 @@ first run fail (and was never scored) can be fixed and the run resumed. Limits: 
 compared by 64 sampled blocks, not every byte; two names of one file (hardlinks) get different locks. The other
 commands remove a settings record left at their output path, so ``score --resume`` cannot continue another
 command's file.
+
+``score`` launched in several processes (``torchrun``, ``accelerate launch``) writes the same single file: rank 0
+alone enters :class:`OutputFile` (checks, lock, settings record, ``--resume`` scan) and writes every line, in input
+order; the other processes :meth:`~OutputFile.follow` it, receiving the records already written so that they skip
+and check the same ones. The file equals a single process's (scores to 1e-5), so a run may be resumed with another
+number of processes.
 """
 
 from __future__ import annotations
@@ -454,6 +460,14 @@ class OutputFile:
             raise UsageError(f"--resume: {self.given} was written with other settings ({shown}"
                              f"{'; ...' if len(diff) > 8 else ''}). Nothing was changed: resume with the same "
                              f"settings, start over with --overwrite, or choose another --output")
+
+    def follow(self, done_records: list[tuple[str, str | None]]) -> None:
+        """Make this (never entered) object another process's view of the output that rank 0 holds: the records it
+        found already written (:attr:`done_records` there), so that :meth:`skip_done` skips and checks exactly the
+        same ones here. A follower never opens, locks or writes the file."""
+        if self._lock_fd is not None or self._fd is not None:
+            raise RuntimeError("follow() is for another process's view; this one holds the output")
+        self.done_records = [(str(rid), digest) for rid, digest in done_records]
 
     def skip_done(self, trajectories: Iterable, source: str, limit: int | None = None) -> Iterable:
         """The input without the records already scored (``--resume``), which must come first, in order, unchanged

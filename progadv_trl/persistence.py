@@ -8,6 +8,7 @@ Layout (format 2)::
     reference/            the reference's weights (absent when the reference is linked)
     reference_adapter/    a frozen reference adapter on the policy's base (only then)
     reference_tokenizer/  the reference's tokenizer when it tokenizes differently (only then)
+    README.md             the model card (:func:`~progadv_trl.hub.model_card`): documentation, not in the manifest
 
 Manifest: ``files`` maps every file under the model folders (posix path relative to the scorer folder) to
 ``{"sha256", "size"}``. ``digest`` is the SHA-256 of the canonical JSON (sorted keys, no spaces) of every other
@@ -21,18 +22,18 @@ folder; the digest; every listed file exists with its size and hash; no unlisted
 symlink (file or folder) resolves outside the scorer folder. A linked reference (``reference="link"``) is recorded
 by path and by the hashes of its score-relevant files (:data:`LINKED_PATTERNS`) and is used only when the caller
 passes that folder explicitly (``from_pretrained(..., reference=DIR)``, ``--scorer S --reference DIR``); the path
-recorded in the folder is never opened. After loading, the tokenizers' chat templates are checked against their
+recorded in the folder is never opened. A Hub-linked reference (``reference="hub"``, format 3) is recorded by repo id
+and commit and the same hashes; loading downloads exactly that commit (:mod:`progadv_trl.hub`). After loading, the tokenizers' chat templates are checked against their
 recorded hashes.
 
 Saving never deletes what it did not write: a non-empty folder that is not a scorer is refused; in an existing
 scorer, unlisted files inside the model folders are refused, and other top-level entries (notes, results) are
-carried over into the new export. The new export is written beside the target and swapped in; a save killed
+carried over into the new export. The model card is regenerated unless someone edited it (then theirs is kept). The new export is written beside the target and swapped in; a save killed
 between the two renames is repaired by the next save or load (:func:`recover`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -48,13 +49,17 @@ from typing import Any
 import torch
 
 from . import __version__
-from .config import CONFIG_VERSION, ProgressAdvantageConfig
+from .config import CONFIG_VERSION, SCORING_FIELDS, TRAINING_FIELDS, ScoringConfig
+from .hub import CARD_NAME, fetch_reference, is_commit, is_generated_card, is_repo_id, link_hub_reference, model_card, \
+    model_origin
 from .models import ModelView, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer, name_or_path, \
     strip_wrappers, unwrap
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
+#: written only when the reference is linked by Hub repo id and commit, so that older readers ask for an upgrade
+HUB_LINK_FORMAT_VERSION = 3
 CONFIG_NAME = "progadv_config.json"
 POLICY_DIR, REFERENCE_DIR, REFERENCE_TOKENIZER_DIR = "policy", "reference", "reference_tokenizer"
 REFERENCE_ADAPTER_DIR, POLICY_BASE_DIR = "reference_adapter", "policy_base"
@@ -128,10 +133,14 @@ def linked_files(folder: str | os.PathLike) -> dict[str, dict]:
 
 
 # ------------------------------------------------------------------------------------------------------------ save
-def save_scorer(scorer, save_directory: str | os.PathLike, reference: str = "copy") -> Path:
-    """Write ``scorer`` to ``save_directory`` (see the module docstring for what is refused and carried over)."""
-    if reference not in ("copy", "link"):
-        raise ValueError(f"reference={reference!r}: expected 'copy' or 'link'")
+def save_scorer(scorer, save_directory: str | os.PathLike, reference: str = "copy", *,
+                token: str | bool | None = None, repo_id: str | None = None) -> Path:
+    """Write ``scorer`` to ``save_directory`` (see the module docstring for what is refused and carried over).
+
+    ``token`` is used by ``reference="hub"`` to resolve and fetch the reference; ``repo_id`` names the Hub repository
+    in the model card's usage example."""
+    if reference not in ("copy", "link", "hub"):
+        raise ValueError(f"reference={reference!r}: expected 'copy', 'link' or 'hub'")
     target = Path(os.path.abspath(save_directory))
     if not target.name:
         raise ValueError(f"{save_directory}: cannot save a scorer as the filesystem root")
@@ -141,11 +150,12 @@ def save_scorer(scorer, save_directory: str | os.PathLike, reference: str = "cop
     _clean_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        meta = _write(scorer, tmp, reference, target)
+        meta = _write(scorer, tmp, reference, target, token)
         meta["files"] = _manifest_of(tmp)
-        meta["format_version"] = FORMAT_VERSION
+        meta["format_version"] = HUB_LINK_FORMAT_VERSION if "hub" in meta["reference"] else FORMAT_VERSION
         meta["digest"] = canonical_digest(meta)
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
+        (tmp / CARD_NAME).write_text(model_card(meta, repo_id), encoding="utf-8")
         _check_target(target)  # again: the folder may have changed while we wrote
         old = _atomic_swap(tmp, target)
     except BaseException:
@@ -157,12 +167,12 @@ def save_scorer(scorer, save_directory: str | os.PathLike, reference: str = "cop
     return target
 
 
-def _write(scorer, tmp: Path, reference_mode: str, target: Path) -> dict:
+def _write(scorer, tmp: Path, reference_mode: str, target: Path, token=None) -> dict:
     policy_model = strip_wrappers(scorer.policy.model)
     ref_view = scorer.reference
     meta: dict[str, Any] = {"config": scorer.config.to_dict(), "library": "progadv-trl",
                             "library_version": __version__, "config_version": CONFIG_VERSION,
-                            "provenance": scorer.provenance,
+                            "provenance": _provenance(scorer),
                             "chat_template_sha256": text_sha256(getattr(scorer.tokenizer, "chat_template", None))}
     shares_base = ref_view.model is scorer.policy.model and ref_view.adapter is not None
     if is_peft_model(policy_model):
@@ -200,7 +210,16 @@ def _write(scorer, tmp: Path, reference_mode: str, target: Path) -> dict:
             raise ValueError(f"reference='link': the reference folder {src_path} lies inside the export folder "
                              f"{target} that this save replaces. Use reference='copy'")
         ref_meta.update(path=str(src_path), files=linked_files(src_path), linked=True)
+    elif reference_mode == "hub":
+        prov = scorer.provenance
+        hint = prov.get("reference_revision") if prov.get("reference") == name_or_path(base) else None
+        state = _plain_base_state(base) if shares_base else base.state_dict()
+        ref_meta.update(link_hub_reference(name_or_path(base), state, revision=hint, token=token))
     else:
+        if getattr(base, "is_quantized", False) or getattr(base, "quantization_method", None):
+            raise ValueError("the reference is a quantized model (e.g. the 4-bit base of a QLoRA policy): a copy "
+                             "would not be the weights it was trained against; save with reference='link' (the "
+                             "base's folder is recorded with its hashes) instead")
         if shares_base:
             with policy_model.disable_adapter():
                 _save_plain_base(base, tmp / REFERENCE_DIR)
@@ -215,6 +234,21 @@ def _write(scorer, tmp: Path, reference_mode: str, target: Path) -> dict:
         meta["reference_chat_template_sha256"] = text_sha256(
             getattr(scorer.reference_tokenizer, "chat_template", None))
     return meta
+
+
+def _provenance(scorer) -> dict:
+    """The scorer's provenance plus, at its first export, where its models came from (``"models"``: name and Hub
+    commit of the policy and the reference), which later exports of the loaded scorer keep."""
+    prov = dict(scorer.provenance)
+    if "models" not in prov:
+        ref = scorer.reference
+        ref_model = scorer.policy.model if ref.adapter is not None else ref.model
+        given_ref = prov.get("reference") if ref.adapter is None else None
+        prov["models"] = {
+            "policy": model_origin(name_or_path(scorer.policy.model), prov.get("policy"),
+                                   prov.get("policy_revision")),
+            "reference": model_origin(name_or_path(ref_model), given_ref, prov.get("reference_revision"))}
+    return prov
 
 
 def _plain_base_state(base) -> dict:
@@ -379,6 +413,14 @@ def _retire(old: Path, target: Path) -> None:
     """Dispose of a replaced export: move its other top-level entries into ``target`` (carry-over), delete the
     files its manifest lists, and keep (with a warning) anything else."""
     files = _existing_manifest(old) or {}
+    card = old / CARD_NAME
+    if os.path.lexists(card) and os.path.lexists(target / CARD_NAME):
+        if is_generated_card(card):
+            card.unlink()  # ours, unedited: the new export's card replaces it
+        else:
+            logger.warning("%s: kept the edited %s of the previous export instead of the generated card; delete it "
+                           "and save again to regenerate it", target, CARD_NAME)
+            (target / CARD_NAME).unlink()
     for entry in sorted(old.iterdir()):
         if entry.name not in OWN_ENTRIES and not os.path.lexists(target / entry.name):
             os.replace(entry, target / entry.name)
@@ -410,10 +452,13 @@ def _listed_present(folder: Path, files: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------------------ load
 def load_scorer(directory: str | os.PathLike, *, reference: str | os.PathLike | None = None, device=None,
                 dtype=None, trust_remote_code: bool = False, expected_digest: str | None = None,
-                make_config=None) -> dict:
+                make_config=None, links_into: Path | None = None, token: str | bool | None = None,
+                cache_dir: str | os.PathLike | None = None) -> dict:
     """Verify a scorer folder and load it: keyword arguments for ``ProgressAdvantageScorer(...)`` plus ``digest``.
 
-    ``make_config(saved_config)`` applies the caller's overrides (before any model is loaded)."""
+    ``make_config(saved_config)`` applies the caller's overrides (before any model is loaded). ``links_into``: a
+    second folder symlinks may lead into (the Hub cache, for a downloaded snapshot). ``token``/``cache_dir``: for
+    downloading a Hub-linked reference."""
     root = Path(os.path.abspath(directory))
     recover(root)
     meta_path = root / CONFIG_NAME
@@ -421,20 +466,27 @@ def load_scorer(directory: str | os.PathLike, *, reference: str | os.PathLike | 
         raise FileNotFoundError(f"{root}: no such scorer folder")
     if not meta_path.is_file():
         raise FileNotFoundError(f"{root}: not a progadv scorer (missing {CONFIG_NAME})")
-    real_root = root.resolve()
-    _inside_real(meta_path, real_root, meta_path)
+    real_roots = (root.resolve(),) + ((Path(links_into).resolve(),) if links_into is not None else ())
+    _inside_real(meta_path, real_roots, meta_path)
     meta = read_meta(meta_path)
     if expected_digest is not None and meta["digest"] != expected_digest:
         raise ValueError(f"{meta_path}: field 'digest': this scorer is {meta['digest']}, not the expected "
                          f"{expected_digest}")
-    verify_files(root, meta["files"], meta_path)
+    verify_files(root, meta["files"], meta_path, links_into=links_into)
     try:
-        base_config = ProgressAdvantageConfig.from_dict(meta["config"], source=f"{meta_path}: field 'config'")
+        # exports of 0.1.0 development versions also held the callback's training settings: they never changed a score
+        saved = {k: v for k, v in meta["config"].items() if k not in TRAINING_FIELDS}
+        base_config = ScoringConfig.from_dict(saved, source=f"{meta_path}: field 'config'")
     except (TypeError, ValueError) as e:
         raise ValueError(f"{meta_path}: field 'config': {e}") from None
     config = make_config(base_config) if make_config is not None else base_config
     ref_meta, pol_meta = meta["reference"], meta["policy"]
-    if ref_meta["linked"]:
+    if ref_meta["linked"] and reference is None and ref_meta.get("hub") is not None:
+        hub = ref_meta["hub"]
+        ref_path = fetch_reference(hub["repo_id"], hub["revision"], ref_meta["files"], token=token,
+                                   cache_dir=cache_dir, where=f"{meta_path}: ")
+        verify_linked(ref_path, ref_meta["files"], meta_path)
+    elif ref_meta["linked"]:
         if reference is None:
             raise ValueError(f"{meta_path}: the reference is linked, not stored in the scorer folder (it was saved "
                              f"from {ref_meta.get('path')!r}); a scorer folder never chooses a folder outside "
@@ -487,10 +539,10 @@ def _check_template(tokenizer, recorded, meta_path: Path, field: str) -> None:
 
 def check_override_names(overrides: dict) -> None:
     """Keyword overrides must name config fields (an unknown name is an error, not a ``TypeError`` later)."""
-    names = {f.name for f in dataclasses.fields(ProgressAdvantageConfig)}
-    unknown = sorted(set(overrides) - names)
+    unknown = sorted(set(overrides) - set(SCORING_FIELDS))
     if unknown:
-        raise ValueError(f"unknown config field(s) {unknown} given as keyword overrides; known: {sorted(names)}")
+        raise ValueError(f"unknown scoring config field(s) {unknown} given as keyword overrides; known: "
+                         f"{sorted(SCORING_FIELDS)}")
 
 
 # ------------------------------------------------------------------------------------------- progadv_config.json
@@ -519,8 +571,8 @@ def read_meta(meta_path: Path) -> dict:
                                "files, and cannot be verified; export it again with save_pretrained")
     if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < FORMAT_VERSION:
         fail("format_version", f"{fmt!r}: not a supported scorer format ({FORMAT_VERSION})")
-    if fmt > FORMAT_VERSION:
-        fail("format_version", f"{fmt} is newer than this progadv-trl supports ({FORMAT_VERSION}); "
+    if fmt > HUB_LINK_FORMAT_VERSION:
+        fail("format_version", f"{fmt} is newer than this progadv-trl supports ({HUB_LINK_FORMAT_VERSION}); "
                                f"upgrade progadv-trl")
     if not isinstance(meta.get("config"), dict):
         fail("config", f"expected an object of config fields, got {_show(meta.get('config'))}")
@@ -547,8 +599,20 @@ def read_meta(meta_path: Path) -> dict:
         fail("reference.kind", "'adapter_base' needs a PEFT adapter policy")
     if not isinstance(ref.get("linked"), bool):
         fail("reference.linked", f"expected true or false, got {_show(ref.get('linked'))}")
+    if ref.get("hub") is not None:
+        hub = ref["hub"]
+        if not ref["linked"] or fmt < HUB_LINK_FORMAT_VERSION:
+            fail("reference.hub", f"only a linked reference of format {HUB_LINK_FORMAT_VERSION} is recorded by Hub "
+                                  f"repo id (reference.linked={ref['linked']!r}, format_version={fmt!r})")
+        if not isinstance(hub, dict):
+            fail("reference.hub", f"expected {{\"repo_id\", \"revision\"}}, got {_show(hub)}")
+        if not is_repo_id(hub.get("repo_id"), namespaced=False):
+            fail("reference.hub.repo_id", f"expected a Hub model id, got {_show(hub.get('repo_id'))}")
+        if not is_commit(hub.get("revision")):
+            fail("reference.hub.revision", f"expected a 40-hex commit hash (never a branch or tag, which move), "
+                                           f"got {_show(hub.get('revision'))}")
     if ref["linked"]:
-        if not isinstance(ref.get("path"), str):
+        if ref.get("hub") is None and not isinstance(ref.get("path"), str):
             fail("reference.path", f"expected a string, got {_show(ref.get('path'))}")
         lf = ref.get("files")
         if not isinstance(lf, dict) or not lf:
@@ -623,16 +687,17 @@ def _check_record(rec, field: str, meta_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- file checks
-def _inside_real(path: Path, real_root: Path, meta_path: Path) -> None:
+def _inside_real(path: Path, real_root: Path | tuple[Path, ...], meta_path: Path) -> None:
     real = Path(os.path.realpath(path))
-    if not _within(real, real_root):
+    if not any(_within(real, r) for r in (real_root if isinstance(real_root, tuple) else (real_root,))):
         raise ValueError(f"{path}: is a symlink that leads outside the scorer folder (to {real}); refused "
                          f"(scorer {meta_path.parent})")
 
 
-def verify_files(root: Path, files: dict, meta_path: Path) -> None:
-    """Every listed file present with its size and hash; nothing unlisted or leading outside in the model folders."""
-    real_root = root.resolve()
+def verify_files(root: Path, files: dict, meta_path: Path, links_into: Path | None = None) -> None:
+    """Every listed file present with its size and hash; nothing unlisted or leading outside in the model folders
+    (outside both ``root`` and ``links_into``, when given)."""
+    real_root = (root.resolve(),) + ((Path(links_into).resolve(),) if links_into is not None else ())
     walked: set[str] = set()
     for d in MODEL_DIRS:
         base = root / d

@@ -11,7 +11,7 @@ Two renderings:
   concatenated after BOS (when the tokenizer has one). An assistant message's body is its content, then one
   ``tool_call(name, arguments)`` line per tool call (the arguments as Python's ``str()`` prints them: a dict with
   single quotes), the whole stripped, or ``[assistant action]`` when nothing is left; other messages' bodies are their
-  content as is. Who&When logs from :func:`~progadv_trl.loaders.load_trajectories` render their ``history`` only (not
+  content as is. Who&When logs from :func:`~progadv_trl.formats.load_trajectories` render their ``history`` only (not
   the prepended question), with each entry's original role string as the tag and the content unstripped. A step's span
   is every token of its message's text, separator and tag included.
 
@@ -241,7 +241,3 @@ def same_tokenization(a, b) -> bool:
         return True
     return (type(a) is type(b) and a.get_vocab() == b.get_vocab() and a.bos_token == b.bos_token
             and a.eos_token == b.eos_token and getattr(a, "chat_template", None) == getattr(b, "chat_template", None))
-
-
-def message_label(message: Message) -> str:
-    return message.name or message.role

@@ -17,23 +17,15 @@ from typing import Any, Sequence
 import torch
 
 from .advantage import cumulative, step_advantages, token_aggregate, trajectory_aggregate
-from .baselines import (BASELINES, deepconf_scores, mean_score, random_scores, self_certainty_score,
-                        step_baseline_values)
-from .config import ProgressAdvantageConfig
+from .baselines import REGISTRY
+from .config import ScoringConfig
 from .data import Trajectory
-from .metrics import evaluate_methods
+from .metrics import evaluate_methods, first_error_step
 from .rendering import TokenizedTrajectory
 from .token_statistics import TokenStats
 from .uses import predict_mistake, select_best_of_n
 
 METHOD = "progress_advantage"
-# The per-token statistic behind each baseline's per-step values (for attribution), and its sign.
-_BASELINE_TOKEN_STAT = {
-    "self_certainty": ("self_certainty", 1.0), "deepconf_mean": ("topk_confidence", 1.0),
-    "deepconf_tail": ("topk_confidence", 1.0), "deepconf_bottom10": ("topk_confidence", 1.0),
-    "deepconf_lowest": ("topk_confidence", 1.0), "policy_logprob": ("logprob", 1.0),
-    "reference_logprob": ("ref_logprob", 1.0), "neg_entropy": ("entropy", -1.0),
-}
 
 
 @dataclass
@@ -57,20 +49,24 @@ class TrajectoryScore:
     """A scored trajectory.
 
     Attributes:
-        score: the trajectory's progress-advantage score (higher = more likely to succeed).
+        scores: method name -> trajectory score (higher = more likely to succeed): ``"progress_advantage"`` and the
+            baselines that were asked for, nothing else.
         steps: per step, in order.
-        baselines: baseline name -> trajectory score (higher = more confident).
         action_values: method name -> per action message value used for failure attribution.
+        step_values: method name -> per step value (one per entry of ``steps``; progress advantage: the step
+            advantages), for step-level labels.
+        step_labels: per step correctness labels (``metadata["step_labels"]``, e.g. TRL stepwise data), or ``None``.
         truncated: what left truncation removed, or ``None``.
         tokens: per-token details (``--details``), or ``None``.
     """
 
     id: str | None
-    score: float
+    scores: dict[str, float]
     steps: list[StepScore]
-    baselines: dict[str, float] = field(default_factory=dict)
     action_messages: list[int] = field(default_factory=list)
     action_values: dict[str, list[float]] = field(default_factory=dict)
+    step_values: dict[str, list[float]] = field(default_factory=dict)
+    step_labels: list[bool] | None = None
     truncated: dict | None = None
     group: str | None = None
     reward: float | None = None
@@ -80,21 +76,41 @@ class TrajectoryScore:
     beta: float = 1.0
     tokens: dict | None = None
 
+    @property
+    def score(self) -> float:
+        """The progress-advantage trajectory score."""
+        return self.scores[METHOD]
+
+    @property
+    def baselines(self) -> dict[str, float]:
+        """Baseline name -> trajectory score, for the baselines that were computed."""
+        return {m: v for m, v in self.scores.items() if m != METHOD}
+
+    def score_of(self, method: str) -> float:
+        """The trajectory score of ``method`` (progress advantage or a computed baseline)."""
+        if method not in self.scores:
+            raise KeyError(f"{method!r} was not computed for trajectory {self.id!r} (computed: "
+                           f"{', '.join(self.scores)}); ask for it in the config's baselines")
+        return self.scores[method]
+
     def predicted_mistake(self, method: str = "running_sum", threshold: float | None = None,
                           using: str = METHOD) -> int:
         """Message index of the predicted decisive error (``using`` a baseline: argmin of its step values)."""
+        self.score_of(using)
         values = self.action_values[using]
         pos = predict_mistake(torch.tensor(values, dtype=torch.float64),
                               method=method if using == METHOD else "step", threshold=threshold)
         return self.action_messages[pos]
 
     def to_dict(self, baselines: Sequence[str] | None = None, with_parts: bool = False) -> dict[str, Any]:
+        """JSON-ready; ``baselines`` (default: every computed one) go under ``"baselines"``."""
         out: dict[str, Any] = {"id": self.id, "score": self.score,
                                "steps": [s.to_dict(with_parts) for s in self.steps]}
         if self.group is not None:
             out["group"] = self.group
-        if baselines:
-            out["baselines"] = {b: self.baselines[b] for b in baselines}
+        names = list(self.baselines) if baselines is None else list(baselines)
+        if names:
+            out["baselines"] = {b: self.score_of(b) for b in names}
         out["truncated"] = self.truncated
         out["beta"], out["temperature"] = self.beta, self.temperature
         if self.tokens is not None:
@@ -130,10 +146,9 @@ def _message_index(tok: TokenizedTrajectory, step_index: torch.Tensor, actions: 
     return lut[step_index]  # -1 indexes the trailing -1
 
 
-def score_trajectory(traj: Trajectory, tok: TokenizedTrajectory, stats: TokenStats, config: ProgressAdvantageConfig,
-                     *, reference_tok: TokenizedTrajectory | None = None, random_value: float = math.nan,
-                     details: bool = False) -> TrajectoryScore:
-    """Step advantages, trajectory score, baselines and attribution values of one trajectory.
+def score_trajectory(traj: Trajectory, tok: TokenizedTrajectory, stats: TokenStats, config: ScoringConfig,
+                     *, reference_tok: TokenizedTrajectory | None = None, details: bool = False) -> TrajectoryScore:
+    """Step advantages, trajectory score, the configured baselines and attribution values of one trajectory.
 
     ``reference_tok`` is given when the reference tokenizes differently: each model's log-probs are then aggregated
     over its own tokens of a step and subtracted (exact for ``token_agg="sum"``).
@@ -164,26 +179,28 @@ def score_trajectory(traj: Trajectory, tok: TokenizedTrajectory, stats: TokenSta
         msg_adv = config.beta * (token_aggregate(lp, msg_p, len(actions), config.token_agg)
                                  - token_aggregate(lr, msg_r, len(actions), config.token_agg))
     action_values = {METHOD: msg_adv.to(torch.float64).tolist()}
-
-    action = p_steps >= 0
-    missing = torch.full_like(lp, float("nan"))  # statistics not computed (baselines not requested)
-    token = {k: stats.get(k) if stats.get(k) is not None else missing
-             for k in ("self_certainty", "topk_confidence", "entropy")}
-    baselines = {"self_certainty": self_certainty_score(token["self_certainty"][action]),
-                 **deepconf_scores(token["topk_confidence"][action], window=config.deepconf_window,
-                                   tail=config.deepconf_tail),
-                 "policy_logprob": mean_score(lp[action]), "reference_logprob": mean_score(lr[r_steps >= 0]),
-                 "neg_entropy": -mean_score(token["entropy"][action]), "random": random_value}
-    stats = TokenStats({**stats.stats, **token})
-    for name, (stat, sign) in _BASELINE_TOKEN_STAT.items():
-        idx = msg_p if stat != "ref_logprob" or reference_tok is None else _message_index(reference_tok, r_steps, actions)
-        action_values[name] = (sign * step_baseline_values(stats[stat], idx, len(actions))).tolist()
-    action_values["random"] = random_scores([f"{traj.id}/{m}" for m in actions], seed=0)
+    step_values = {METHOD: adv.tolist()}
+    scores = {METHOD: trajectory_aggregate(values, config.step_agg)}
+    key = str(traj.id)
+    for name in config.baselines:
+        baseline = REGISTRY[name]
+        if baseline.statistic == "ref_logprob" and reference_tok is not None:  # on the reference's own tokens
+            token_values, scored, message = lr, r_steps >= 0, _message_index(reference_tok, r_steps, actions)
+            step = r_steps
+        else:
+            token_values = lp if baseline.statistic is None else stats[baseline.statistic]
+            scored, message, step = p_steps >= 0, msg_p, p_steps
+        scores[name] = baseline.trajectory(token_values[scored], config, key)
+        action_values[name] = baseline.steps(token_values, message, actions, key)
+        step_values[name] = baseline.steps(token_values, step, list(range(n_steps)), key)
+    labels = traj.metadata.get("step_labels")
 
     return TrajectoryScore(
-        id=traj.id, score=trajectory_aggregate(values, config.step_agg), steps=steps, baselines=baselines,
-        action_messages=actions, action_values=action_values, truncated=tok.truncation(), group=traj.group,
-        reward=traj.reward, success=traj.success(config.success_threshold), mistake_step=traj.mistake_step,
+        id=traj.id, scores=scores, steps=steps, action_messages=actions, action_values=action_values,
+        step_values=step_values,
+        step_labels=list(labels) if isinstance(labels, list) and all(isinstance(x, bool) for x in labels) else None,
+        truncated=tok.truncation(), group=traj.group, reward=traj.reward,
+        success=traj.success(config.success_threshold), mistake_step=traj.mistake_step,
         temperature=config.temperature, beta=config.beta,
         tokens=_details(tok, stats, reference_tok) if details else None)
 
@@ -191,7 +208,7 @@ def score_trajectory(traj: Trajectory, tok: TokenizedTrajectory, stats: TokenSta
 def choose_best_of_n(results: Sequence[TrajectoryScore], using: str = METHOD) -> dict[Any, TrajectoryScore]:
     """The highest-scoring trajectory of each group (ties: the first); ungrouped trajectories form their own group."""
     groups = [r.group if r.group is not None else f"__id__{r.id}" for r in results]
-    scores = [r.score if using == METHOD else r.baselines[using] for r in results]
+    scores = [r.score_of(using) for r in results]
     return {g: results[i] for g, i in select_best_of_n(scores, groups).items()}
 
 
@@ -203,18 +220,37 @@ def attribute(results: Sequence[TrajectoryScore], method: str = "running_sum",
 
 def evaluation_table(results: Sequence[TrajectoryScore], methods: Sequence[str] | None = None, *,
                      attribution: str = "running_sum", threshold: float | None = None) -> dict[str, dict[str, float]]:
-    """Metrics (AUROC, Spearman, best-of-N, attribution) for progress advantage and each baseline in ``methods``."""
-    methods = [METHOD, *(BASELINES if methods is None else [m for m in methods if m != METHOD])]
+    """Metrics (AUROC, Spearman, best-of-N, attribution) for progress advantage and each baseline in ``methods``
+    (default: every method the results were scored with)."""
+    computed = list(results[0].scores) if results else [METHOD]
+    methods = [METHOD, *(m for m in (computed if methods is None else methods) if m != METHOD)]
     success = [r.success for r in results]
     groups = [r.group for r in results]
     mistakes = [r.action_messages.index(r.mistake_step) if r.mistake_step in r.action_messages else None
                 for r in results]
+    first_errors = _first_errors(results)
     table_in = {}
     for m in methods:
-        scores = [r.score if m == METHOD else r.baselines[m] for r in results]
-        table_in[m] = {"scores": scores, "threshold": threshold if m == METHOD else None,
+        table_in[m] = {"scores": [r.score_of(m) for r in results], "threshold": threshold if m == METHOD else None,
                        "step_values": [torch.tensor(r.action_values[m], dtype=torch.float64) for r in results]}
+        if first_errors is not None:
+            table_in[m]["process_values"] = [r.step_values[m] for r in results]
     return evaluate_methods(table_in, success=success if any(s is not None for s in success) else None,
                             groups=groups if any(g is not None for g in groups) else None,
                             mistake_steps=mistakes if any(m is not None for m in mistakes) else None,
-                            attribution={METHOD: attribution})
+                            attribution={METHOD: attribution}, first_errors=first_errors)
+
+
+def _first_errors(results: Sequence[TrajectoryScore]) -> list[int | None] | None:
+    """Per result, the first ``False`` of its step labels (``-1``: all correct; ``None``: no labels), or ``None``
+    when no result has step labels; labels must match the scored steps one to one."""
+    if all(r.step_labels is None for r in results):
+        return None
+    out: list[int | None] = []
+    for r in results:
+        if r.step_labels is not None and len(r.step_labels) != len(r.steps):
+            raise ValueError(f"trajectory {r.id!r} has {len(r.step_labels)} step labels but was scored as "
+                             f"{len(r.steps)} steps: score it with the step_separator its loader recorded "
+                             f"(metadata['step_separator'])")
+        out.append(None if r.step_labels is None else first_error_step(r.step_labels))
+    return out

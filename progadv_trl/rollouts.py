@@ -1,65 +1,176 @@
-"""Fresh held-out rollouts: the current policy completes held-out prompts, the trainer's reward functions label them.
+"""Fresh held-out rollouts: the trainer completes held-out prompts the way it completes training prompts, and its
+reward functions label them.
 
-Single-turn: each prompt (a string or a list of chat messages) gets ``n`` sampled completions with the trainer's
-sampling settings (temperature, top-p, top-k, min-p, max completion length), and the weighted sum of the trainer's
-reward functions is the reward. Extra dataset columns are passed to the reward functions, as TRL does.
+Generation goes through the trainer's own ``_generate`` (GRPO and RLOO): the same backend (vLLM server or colocate
+when the trainer uses it, else transformers ``generate``), prompt rendering (``chat_template_kwargs``, tools) and
+sampling settings (``generation_kwargs``, temperature, top-p/top-k/min-p, repetition penalty,
+``max_completion_length``) as training. Rewards go through the trainer's own ``_calculate_rewards``: its reward
+functions (async ones and reward models with their ``reward_processing_classes`` included) get the keyword arguments
+of a training call (``prompts``, ``completions``, ``completion_ids``, ``trainer_state``, ``log_extra``,
+``log_metric`` and every other column of the prompt row), and the reward is their ``reward_weights``-weighted sum,
+as the trainer logs it (``None`` when every function returned ``None``).
+
+Under several processes each rank completes its share of the prompts (:func:`~progadv_trl.distributed.split_evenly`:
+every rank the same number, as every rank takes part in the trainer's collective calls; padding results dropped),
+and every rank gets all the rollouts back in input order.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import math
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import torch
 
-from .data import Message, Trajectory
-from .models import unwrap
+from .data import Message, ProgadvDataError, Trajectory
+from .distributed import merge_in_order, split_evenly
+from .formats.records import Context, parse_messages
+
+SOURCE = "heldout_prompts"
 
 
-def _prompt_messages(prompt) -> list[dict]:
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [dict(m) for m in prompt]
+def load_prompt_rows(source) -> list[dict]:
+    """Held-out prompt rows (dicts with a ``prompt`` and any other columns) from a JSON/JSONL/CSV/Parquet path, a
+    ``datasets.Dataset`` or a list of rows (a bare string or message list is a row's prompt); checked here so bad data
+    fails before training, naming the record and the field."""
+    if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__"):
+        from datasets import load_dataset
+
+        path = str(source)
+        kind = "json" if path.endswith((".json", ".jsonl")) else path.rsplit(".", 1)[-1]
+        rows, name = list(load_dataset(kind, data_files=path, split="train")), path
+    else:
+        rows, name = [r if isinstance(r, Mapping) else {"prompt": r} for r in source], SOURCE
+    if not rows:
+        raise ProgadvDataError("no held-out prompts", source=name)
+    for i, row in enumerate(rows):
+        ctx = Context(name, i)
+        if "prompt" not in row or row["prompt"] is None:
+            ctx.fail("missing prompt (a string or a list of chat messages)", "prompt")
+        if not isinstance(row["prompt"], str):
+            if not isinstance(row["prompt"], (list, tuple)) or not row["prompt"]:
+                ctx.fail("prompt must be a string or a non-empty list of chat messages", "prompt")
+            parse_messages(row["prompt"], ctx, "prompt")
+        for key in ("image", "images"):
+            if row.get(key) is not None:
+                ctx.fail("images in held-out prompts are not supported; pass sampler= to the callback instead", key)
+    kinds = {isinstance(r["prompt"], str) for r in rows}
+    if len(kinds) > 1:
+        raise ProgadvDataError("prompts mix strings and chat messages; use one kind, like the training data",
+                               source=name, field="prompt")
+    return [dict(r) for r in rows]
+
+
+def check_trainer(trainer) -> None:
+    """Raise unless ``trainer`` can complete held-out prompts itself: a GRPO/RLOO trainer without ``rollout_func`` or
+    ``environment_factory`` (their episodes need the user's loop: pass ``sampler=`` to the callback)."""
+    name = type(trainer).__name__
+    if not (callable(getattr(trainer, "_generate", None)) and callable(getattr(trainer, "_calculate_rewards", None))
+            and hasattr(trainer, "reward_funcs")):
+        raise ValueError(f"heldout_prompts needs a trainer that generates and rewards completions (GRPOTrainer, "
+                         f"RLOOTrainer); {name} does not: pass fixed labelled rollouts (heldout=) or sampler=")
+    for attr, what in (("rollout_func", "rollout_func"), ("environment_factories", "environment_factory")):
+        if getattr(trainer, attr, None) is not None:
+            raise ValueError(f"heldout_prompts cannot run {name}'s {what} episodes: pass sampler= to the callback "
+                             "(your environment loop returning trajectories)")
 
 
 @torch.no_grad()
-def sample_rollouts(trainer, policy, rows: Sequence[dict[str, Any]], n: int, *, seed: int = 0,
+def sample_rollouts(trainer, rows: Sequence[dict[str, Any]], n: int, *, seed: int = 0,
                     tag: str = "heldout") -> list[Trajectory]:
-    """``n`` completions per row (``row["prompt"]`` plus any other columns), rewarded by ``trainer.reward_funcs``."""
-    args = trainer.args
-    tok = trainer.processing_class
-    model = unwrap(policy)
-    gen = {"do_sample": True, "temperature": args.temperature, "max_new_tokens": args.max_completion_length,
-           "num_return_sequences": n, "pad_token_id": tok.pad_token_id or tok.eos_token_id}
-    for key in ("top_p", "top_k", "min_p"):
-        if getattr(args, key, None) is not None:
-            gen[key] = getattr(args, key)
-    device = next(model.parameters()).device
-    out: list[Trajectory] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        for i, row in enumerate(rows):
-            out += _complete(trainer, model, tok, gen, row, i, n, tag, device)
-    return out
+    """``n`` completions per row by ``trainer`` (GRPO/RLOO), rewarded by its reward functions.
+
+    Every process must call this with the same ``rows``. Returns ``len(rows) * n`` trajectories in row order, ids
+    ``<tag>-<row>-<k>``, group ``<tag>-<row>``, on every process.
+    """
+    from accelerate.utils import gather_object
+
+    check_trainer(trainer)
+    rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+    shard, _ = split_evenly(range(len(rows)), rank, world)  # row indices; every rank the same number
+    inputs = [dict(rows[i]) for i in shard for _ in range(n)]  # each prompt n times in a row, as GRPO's sampler does
+    prompts = [x["prompt"] for x in inputs]
+    device = trainer.accelerator.device
+    with _training_state_kept(trainer, n, len(inputs)), \
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed + rank)  # the same draws at every evaluation; the training's RNG stream is untouched
+        out = trainer._generate(prompts)
+        if len(out) == 3:  # RLOO: prompt_ids, completion_ids, completions
+            completion_ids, completions, extra = out[1], out[2], {}
+        else:  # GRPO: prompt_ids, completion_ids, tool_mask, completions, logprobs, extra_fields, images, tool_images
+            completion_ids, completions, extra = out[1], out[3], out[5]
+        for i, x in enumerate(inputs):  # extra fields of the generation reach the reward functions, as in GRPO
+            for key, values in extra.items():
+                x[key] = values[i] if isinstance(values, list) else values
+        per_func = trainer._calculate_rewards(inputs, prompts, completions, completion_ids)  # all ranks', rank-major
+    weights = trainer.reward_weights.to(per_func.device, per_func.dtype)
+    rewards = (per_func * weights).nansum(dim=1)
+    rewards[torch.isnan(per_func).all(dim=1)] = torch.nan  # no function scored it: unlabelled, as GRPO logs it
+    rewards = rewards.view(world, len(shard), n).tolist()
+    completions = gather_object([list(completions)])  # one list per rank
+    groups = merge_in_order([
+        [list(zip(completions[r][j * n:(j + 1) * n], rewards[r][j])) for j in range(len(range(r, len(rows), world)))]
+        for r in range(world)])  # each rank's own prompts (padding dropped), back in input order
+    trajectories: list[Trajectory] = []
+    for i, (row, group) in enumerate(zip(rows, groups)):
+        ctx = Context(SOURCE, i)
+        prompt = row["prompt"]
+        context = [Message("user", prompt)] if isinstance(prompt, str) else parse_messages(prompt, ctx, "prompt")
+        for k, (completion, reward) in enumerate(group):
+            reply = ([Message("assistant", completion)] if isinstance(completion, str)
+                     else parse_messages(completion, ctx, f"completion[{k}]"))
+            trajectories.append(Trajectory(context + reply, id=f"{tag}-{i}-{k}", group=f"{tag}-{i}",
+                                           reward=None if math.isnan(reward) else reward))
+    return trajectories
 
 
-def _complete(trainer, model, tok, gen, row, i, n, tag, device) -> list[Trajectory]:
-    chat = _prompt_messages(row["prompt"])
-    ids = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    input_ids = ids["input_ids"].to(device)
-    seqs = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), **gen)
-    completion_ids = [s[input_ids.shape[1]:].tolist() for s in seqs]
-    texts = [tok.decode(c, skip_special_tokens=True) for c in completion_ids]
-    completions = ([[{"role": "assistant", "content": t}] for t in texts] if not isinstance(row["prompt"], str)
-                   else texts)
-    extra = {k: [v] * n for k, v in row.items() if k not in ("prompt", "completion")}
-    rewards = torch.zeros(n)
-    for func, weight in zip(trainer.reward_funcs, trainer.reward_weights.tolist()):
-        if isinstance(func, torch.nn.Module):
-            raise ValueError("held-out prompts need callable reward functions; reward models are not supported "
-                             "for progadv's held-out rollouts yet (pass fixed labelled rollouts as heldout)")
-        vals = func(prompts=[row["prompt"]] * n, completions=completions, completion_ids=completion_ids,
-                    trainer_state=trainer.state, **extra)
-        rewards += weight * torch.tensor([float("nan") if v is None else float(v) for v in vals])
-    msgs = [Message(m["role"], m["content"]) for m in chat]
-    return [Trajectory(msgs + [Message("assistant", text)], id=f"{tag}-{i}-{k}", group=f"{tag}-{i}",
-                       reward=reward) for k, (text, reward) in enumerate(zip(texts, rewards.tolist()))]
+@contextlib.contextmanager
+def _training_state_kept(trainer, n: int, batch: int):
+    """What the trainer's ``_generate`` / ``_calculate_rewards`` touch, put back afterwards.
+
+    They log into ``trainer._metrics[mode]`` (completion lengths, ``num_tokens``), reward functions may log through
+    ``log_extra`` / ``log_metric`` into ``_pending_extra_logs`` / ``_pending_metrics``, and in train mode
+    ``_generate`` adds to ``state.num_input_tokens_seen``: all restored, so the training logs stay the training's.
+    The model runs in eval mode (``mode == "eval"``) with ``num_generations_eval = n``, the group size the vLLM backend
+    reads. Tool trainers keep per-batch tool tables (``_sync_tool_dicts``); ours are built for this batch from the
+    trainer's standalone tools, as GRPO builds them, and the training's put back. A vLLM weight sync triggered here is
+    kept: it loads the current weights, which the next training generation would load anyway.
+    """
+    model = trainer.model
+    was_training = model.training
+    metrics = {mode: {k: list(v) for k, v in store.items()} for mode, store in getattr(trainer, "_metrics", {}).items()}
+    pending = {name: {k: list(v) for k, v in getattr(trainer, name).items()}
+               for name in ("_pending_extra_logs", "_pending_metrics")
+               if isinstance(getattr(trainer, name, None), dict)}
+    tokens_seen = trainer.state.num_input_tokens_seen
+    missing = object()
+    kept = {name: getattr(trainer, name, missing) for name in ("num_generations_eval", "_sync_tool_dicts",
+                                                               "_async_tool_dicts")}
+    model.eval()
+    trainer.num_generations_eval = n
+    if getattr(trainer, "tools", None):
+        tools = list(getattr(trainer, "_standalone_tools", None) or [])
+        trainer._sync_tool_dicts = [{t.__name__: t for t in tools if not inspect.iscoroutinefunction(t)}
+                                    for _ in range(batch)]
+        trainer._async_tool_dicts = [{t.__name__: t for t in tools if inspect.iscoroutinefunction(t)}
+                                     for _ in range(batch)]
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for mode, saved in metrics.items():
+            trainer._metrics[mode].clear()
+            trainer._metrics[mode].update(saved)
+        for name, saved in pending.items():
+            getattr(trainer, name).clear()
+            getattr(trainer, name).update(saved)
+        trainer.state.num_input_tokens_seen = tokens_seen
+        for name, value in kept.items():
+            if value is missing:
+                if hasattr(trainer, name):
+                    delattr(trainer, name)
+            else:
+                setattr(trainer, name, value)

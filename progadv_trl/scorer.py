@@ -16,8 +16,8 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
-from .baselines import random_scores
-from .config import ProgressAdvantageConfig
+from .baselines import policy_statistics
+from .config import ScoringConfig, as_scoring
 from .data import Trajectory
 from .models import ModelView, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer, name_or_path, unwrap
 from .persistence import check_override_names, load_scorer, save_scorer
@@ -44,9 +44,9 @@ class ProgressAdvantageScorer:
     digest: str | None = None
 
     def __init__(self, policy: ModelView, reference: ModelView, tokenizer, reference_tokenizer=None,
-                 config: ProgressAdvantageConfig | None = None, provenance: dict | None = None):
+                 config: ScoringConfig | None = None, provenance: dict | None = None):
         self.policy, self.reference = policy, reference
-        self.config = config or ProgressAdvantageConfig()
+        self.config = as_scoring(config)
         self.tokenizer = tokenizer
         if reference_tokenizer is not None and same_tokenization(tokenizer, reference_tokenizer):
             reference_tokenizer = None
@@ -76,8 +76,10 @@ class ProgressAdvantageScorer:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_models(cls, policy, reference=None, tokenizer=None, reference_tokenizer=None, *,
-                    config: ProgressAdvantageConfig | None = None, device: str | torch.device | None = None,
+                    config: ScoringConfig | None = None, device: str | torch.device | None = None,
                     dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+                    device_map: str | dict | None = None, attn_implementation: str | None = None,
+                    revision: str | None = None, reference_revision: str | None = None, quantization_config=None,
                     **config_overrides) -> "ProgressAdvantageScorer":
         """A scorer from two models (paths or loaded models).
 
@@ -88,13 +90,22 @@ class ProgressAdvantageScorer:
             tokenizer: the policy's tokenizer (default: loaded from the policy path, or the adapter's base).
             reference_tokenizer: the reference's when it differs (default: loaded from the reference path and used
                 only when it tokenizes differently).
-            config: a :class:`ProgressAdvantageConfig`; keyword overrides (``beta=``, ``temperature=``, ...) apply
+            config: a :class:`ScoringConfig` (or a :class:`ProgressAdvantageConfig`, of which only the scoring fields
+                are kept); keyword overrides (``beta=``, ``temperature=``, ...) apply
                 on top.
+            device_map, attn_implementation, quantization_config: passed to ``from_pretrained`` for both models
+                (see :func:`~progadv_trl.models.load_causal_lm`); ``quantization_config`` is a ``BitsAndBytesConfig``
+                or its dict (``{"load_in_4bit": True}`` with an adapter policy: QLoRA, a 4-bit base and its adapter).
+            revision, reference_revision: the hub revision of the policy / the reference (refused for a local folder).
         """
+        load = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code, "device_map": device_map,
+                "attn_implementation": attn_implementation, "quantization_config": quantization_config}
         config = _with_overrides(config, config_overrides)
         provenance: dict[str, Any] = {}
-        policy_model = load_causal_lm(policy, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        policy_model = load_causal_lm(policy, revision=revision, **load)
         provenance["policy"] = str(policy) if not isinstance(policy, torch.nn.Module) else name_or_path(policy_model)
+        if revision is not None:
+            provenance["policy_revision"] = revision
         if reference is None:
             if not is_peft_model(policy_model):
                 raise ValueError("reference is required unless the policy is a PEFT adapter (whose base is the "
@@ -102,10 +113,12 @@ class ProgressAdvantageScorer:
             reference_view = ModelView(policy_model, adapter="off")
             provenance["reference"] = "adapters-off"
         else:
-            ref_model = load_causal_lm(reference, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+            ref_model = load_causal_lm(reference, revision=reference_revision, **load)
             reference_view = ModelView(ref_model)
             provenance["reference"] = (str(reference) if not isinstance(reference, torch.nn.Module)
                                        else name_or_path(ref_model))
+            if reference_revision is not None:
+                provenance["reference_revision"] = reference_revision
         if tokenizer is None:
             tokenizer = _tokenizer_for(policy, policy_model, trust_remote_code)
         if reference_tokenizer is None and reference is not None:
@@ -153,12 +166,11 @@ class ProgressAdvantageScorer:
         stats = compute_token_stats(
             self.policy, self.reference, toks, ref_toks, temperature=cfg.temperature, top_k=cfg.top_k,
             chunk_size=cfg.chunk_size, batch_size=cfg.batch_size, all_positions=details,
-            policy_stats=_policy_stats_for(cfg.baselines), with_kl=with_drift, backend=cfg.backend,
+            policy_stats=policy_statistics(cfg.baselines), with_kl=with_drift, backend=cfg.backend,
             pad_id=_pad_id(self.tokenizer),
             reference_pad_id=None if self.reference_tokenizer is None else _pad_id(self.reference_tokenizer))
-        rand = random_scores([str(t.id) for t in trajs], seed=cfg.seed)
         results = [score_trajectory(t, tok, st, cfg, reference_tok=None if ref_toks is None else ref_toks[i],
-                                    random_value=rand[i], details=details)
+                                    details=details)
                    for i, (t, tok, st) in enumerate(zip(trajs, toks, stats))]
         if not with_drift:
             return results
@@ -184,51 +196,67 @@ class ProgressAdvantageScorer:
                                 threshold=self.config.attribution_threshold)
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, save_directory: str | os.PathLike, *, reference: str = "copy") -> Path:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, reference: str = "copy",
+                        token: str | bool | None = None) -> Path:
         """Write the scorer to ``save_directory`` atomically, with a manifest of every file (see
         :mod:`~progadv_trl.persistence`).
 
         Layout: ``progadv_config.json`` (config, metadata, manifest, digest); ``policy/`` (full weights and
         tokenizer, or only the PEFT adapter); ``reference/`` (full weights) unless ``reference="link"`` (then only
         the reference folder's path and the hashes of its score-relevant files are recorded, and loading needs
-        that folder passed explicitly); ``reference_adapter/`` / ``reference_tokenizer/`` when needed.
+        that folder passed explicitly) or ``reference="hub"`` (a Hub reference recorded by repo id, commit and the
+        same hashes, refused unless its weights equal that commit's files; loading downloads exactly that commit,
+        with ``token`` if given); ``reference_adapter/`` / ``reference_tokenizer/`` when needed; ``README.md``, the
+        model card (documentation: not verified on load).
 
         Refuses a symlink, a file, or a non-empty folder that is not a scorer; overwriting a scorer keeps its other
         top-level files (carried over) and refuses unknown files inside its model folders.
         """
-        return save_scorer(self, save_directory, reference)
+        return save_scorer(self, save_directory, reference, token=token)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    revision: str | None = None, commit_message: str | None = None, reference: str = "copy"):
+        """Upload the scorer to the Hugging Face Hub repository ``repo_id`` (created if needed): the folder
+        :meth:`save_pretrained` writes, model card included. ``reference="hub"`` records a Hub reference by repo id
+        and commit instead of uploading a copy of it. Files of a previous export in the repository's model folders
+        are deleted by the same commit. Returns the ``CommitInfo``."""
+        from .hub import push_scorer
+
+        return push_scorer(self, repo_id, private=private, token=token, revision=revision,
+                           commit_message=commit_message, reference=reference)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, reference: str | os.PathLike | None = None,
                         device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                         trust_remote_code: bool = False, expected_digest: str | None = None,
+                        revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | os.PathLike | None = None,
                         **config_overrides) -> "ProgressAdvantageScorer":
         """Load a scorer saved by :meth:`save_pretrained`, after verifying every file against its manifest.
 
         Args:
+            directory: a local folder, else a Hugging Face Hub repo id (``owner/name``), downloaded with
+                ``snapshot_download`` and verified like a local folder; a local folder of that name keeps priority.
             reference: the reference folder of a scorer saved with ``reference="link"`` (required then, verified
-                against the recorded hashes; refused otherwise).
+                against the recorded hashes) or ``reference="hub"`` (optional then: a local copy of that commit);
+                refused for a stored reference.
             expected_digest: refuse the folder unless its :attr:`digest` is this (pin an export you trust).
+            revision, token, cache_dir: for a Hub repository: its branch, tag or commit, the access token, the
+                cache folder (token and cache_dir also serve a Hub-linked reference).
             config_overrides: config fields to change (only those named; the rest keep their saved values).
         """
+        from .hub import scorer_folder
+
         check_override_names(config_overrides)
-        parts = load_scorer(directory, reference=reference, device=device, dtype=dtype,
+        folder, links_into = scorer_folder(directory, revision=revision, token=token, cache_dir=cache_dir)
+        parts = load_scorer(folder, reference=reference, device=device, dtype=dtype,
                             trust_remote_code=trust_remote_code, expected_digest=expected_digest,
-                            make_config=lambda saved: _with_overrides(saved, config_overrides))
+                            make_config=lambda saved: _with_overrides(saved, config_overrides),
+                            links_into=links_into, token=token, cache_dir=cache_dir)
         digest = parts.pop("digest")
         scorer = cls(**parts)
         scorer.digest = digest
         return scorer
-
-
-_STAT_OF_BASELINE = {"self_certainty": "self_certainty", "neg_entropy": "entropy", "deepconf_mean": "topk_confidence",
-                     "deepconf_tail": "topk_confidence", "deepconf_bottom10": "topk_confidence",
-                     "deepconf_lowest": "topk_confidence"}
-
-
-def _policy_stats_for(baselines: Sequence[str]) -> tuple[str, ...]:
-    """The policy statistics the requested baselines need, beside the log-prob (a top-k fold costs the most)."""
-    return tuple(dict.fromkeys(["logprob", *(_STAT_OF_BASELINE[b] for b in baselines if b in _STAT_OF_BASELINE)]))
 
 
 def _pad_id(tokenizer) -> int:
@@ -262,9 +290,9 @@ def _context_length(view) -> int | None:
     return None
 
 
-def _with_overrides(config: ProgressAdvantageConfig | None, overrides: dict) -> ProgressAdvantageConfig:
+def _with_overrides(config: ScoringConfig | None, overrides: dict) -> ScoringConfig:
     """``config`` (default: the defaults) with the keyword overrides that were given (``None`` means not given);
-    only those settings change, checked as everywhere (:meth:`ProgressAdvantageConfig.merged`)."""
-    config = config or ProgressAdvantageConfig()
+    only those settings change, checked as everywhere (:meth:`ScoringConfig.merged`)."""
+    config = as_scoring(config)
     given = {k: v for k, v in overrides.items() if v is not None}
     return config.merged(given, source="keyword arguments") if given else config

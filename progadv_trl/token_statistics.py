@@ -4,6 +4,10 @@ Trajectories are batched by length, run through each model's decoder once, and t
 positions go through the fused kernel (:mod:`progadv_trl.kernels`): no ``[tokens, vocab]`` tensor is built.
 Position ``t`` is scored with the hidden state at ``t - 1`` (the log-prob of ``input_ids[t]`` given what precedes it);
 position 0 has no statistic. Unscored positions hold NaN.
+
+The number of forwards depends only on the number of trajectories (``ceil(n / batch_size)`` batches per model, a
+batch with nothing to score included), so ranks holding as many trajectories run as many forwards: what sharded
+models (FSDP2, ZeRO-3), whose every forward is a collective, need.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .kernels import token_stats, two_model_token_stats
-from .models import ModelView
+from .models import ModelView, gather_head
 from .rendering import TokenizedTrajectory
 
 POLICY_STATS = ("logprob", "entropy", "self_certainty", "topk_confidence")
@@ -115,15 +119,16 @@ def compute_token_stats(policy: ModelView, reference: ModelView, policy_tokens: 
     """
     policy_stats = tuple(dict.fromkeys(("logprob", *policy_stats)))
     results: list[dict[str, torch.Tensor]] = [{} for _ in policy_tokens]
-    p_head, r_head = policy.head, reference.head
+    p_head, r_head = gather_head(policy.head), gather_head(reference.head)  # whole weights (collective if sharded)
     p_pos = [_scored_positions(t, all_positions) for t in policy_tokens]
     shared = reference_tokens is None
     for idx in _batches(policy_tokens, batch_size, share_prefix):
-        if sum(p_pos[i].numel() for i in idx) == 0:
-            continue
         hp, targets = _gather_hidden(policy, policy_tokens, idx, p_pos, pad_id, share_prefix)
         if shared:
             hr, _ = _gather_hidden(reference, policy_tokens, idx, p_pos, pad_id, share_prefix)
+        if targets.numel() == 0:  # nothing to score, but the forwards ran (the same count on every rank)
+            continue
+        if shared:
             out = two_model_token_stats(
                 hp, p_head.weight, hr.to(hp.device), r_head.weight.to(hp.device), targets,
                 policy_bias=p_head.bias, reference_bias=None if r_head.bias is None else r_head.bias.to(hp.device),
@@ -139,10 +144,10 @@ def compute_token_stats(policy: ModelView, reference: ModelView, policy_tokens: 
     if not shared:
         r_pos = [_scored_positions(t, all_positions) for t in reference_tokens]
         for idx in _batches(reference_tokens, batch_size, share_prefix):
-            if sum(r_pos[i].numel() for i in idx) == 0:
-                continue
             hr, targets = _gather_hidden(reference, reference_tokens, idx, r_pos,
                                          pad_id if reference_pad_id is None else reference_pad_id, share_prefix)
+            if targets.numel() == 0:
+                continue
             out = token_stats(hr, r_head.weight, targets, bias=r_head.bias, temperature=temperature,
                               logit_scale=r_head.logit_scale, softcap=r_head.softcap, stats=("logprob",),
                               chunk_size=chunk_size, backend=backend)

@@ -2,7 +2,8 @@
 
 A thin recipe over TRL: the YAML holds the trainer's own arguments (``args:``, any ``GRPOConfig``/``RLOOConfig``
 field), the model, the dataset, the reward functions, an optional LoRA section, and a ``progadv:`` section
-(:class:`~progadv_trl.ProgressAdvantageConfig` fields). See ``configs/grpo_tiny.yaml``.
+(:class:`~progadv_trl.ProgressAdvantageConfig` fields). See the packaged ``grpo_tiny`` config
+(``progadv_trl/configs/grpo_tiny.yaml``; ``progadv train --config grpo_tiny``).
 
 * ``model_name_or_path``: a folder or hub id; ``tiny`` builds a tiny Qwen2 and tokenizer in ``<output_dir>/base``.
 * ``dataset``: a JSON/JSONL file of rows with a ``prompt`` column, or ``builtin:flights`` (the bundled booking task).
@@ -33,8 +34,12 @@ def _import(spec: str):
 
 
 def load_run_config(path: str | Path) -> dict:
+    """The run YAML at ``path``, or the packaged config of that name (``grpo_tiny``), checked."""
     import yaml
 
+    from .configs import resolve
+
+    path = resolve(path)
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f)
     if not isinstance(data, dict):
@@ -57,8 +62,8 @@ def train_from_config(path: str | Path, overrides: dict | None = None):
 
     from .callback import ProgressAdvantageCallback
     from .config import ProgressAdvantageConfig
-    from .demo import example_trajectories, flight_prompts
-    from .loaders import save_trajectories
+    from .flight_example import example_trajectories, flight_prompts
+    from .formats import save_trajectories
     from .tiny import build_model, build_tokenizer
 
     run = load_run_config(path)

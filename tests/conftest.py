@@ -73,7 +73,7 @@ def cli_models(tiny_dir) -> list[str]:
 @pytest.fixture
 def data(tmp_path):
     """The sample trajectories as a JSONL input file."""
-    from progadv_trl.loaders import save_trajectories
+    from progadv_trl.formats import save_trajectories
 
     path = tmp_path / "in.jsonl"
     save_trajectories(path, sample_trajectories())

@@ -15,6 +15,8 @@ from progadv_trl.tiny import build_model, build_tokenizer
 
 from conftest import sample_trajectories
 
+pytestmark = pytest.mark.slow  # real TRL trainer runs (all but test_bad_configuration_fails_before_training)
+
 
 def reward_even_length(completions, **kwargs):
     """1 when the completion has an even number of characters: about half of a random tiny model's samples."""

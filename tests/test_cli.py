@@ -137,3 +137,37 @@ def test_attribute_on_who_and_when_reports_step_and_agent_accuracy(tiny_dir, tmp
     assert all(r["predicted_agent"] and r["mistake_agent"] for r in rows)
     err = capsys.readouterr().err
     assert "step-level accuracy" in err and "agent-level accuracy" in err
+
+
+@pytest.mark.parametrize("command", ["score", "rank", "attribute", "evaluate"])
+def test_every_scoring_field_has_one_flag_with_its_help(command, capsys):
+    import dataclasses
+
+    from progadv_trl.cli import build_parser
+    from progadv_trl.config import SCORING_FIELDS, ScoringConfig
+
+    sub = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == command)[1]
+    by_dest = {}
+    for action in sub._actions:
+        by_dest.setdefault(action.dest, []).append(action)
+    helps = {f.name: f.metadata["help"].rstrip(".") for f in dataclasses.fields(ScoringConfig)}
+    for name in SCORING_FIELDS:
+        main_flags = [a for a in by_dest[name] if not any(o.startswith("--no-") for o in a.option_strings)]
+        assert len(main_flags) == 1, name  # one flag (with its - and _ spellings), one help text
+        assert f"--{name.replace('_', '-')}" in main_flags[0].option_strings
+        assert main_flags[0].help.startswith(helps[name]) and main_flags[0].default is None
+    # nothing but the scoring fields (and the non-scoring options the command defines) set config fields
+    assert not {d for d in by_dest if d in {f.name for f in dataclasses.fields(ScoringConfig)}} - set(SCORING_FIELDS)
+
+
+def test_flags_and_config_file_merge_by_the_keys_they_name(tiny_dir, data, tmp_path):
+    cfg = tmp_path / "run.yaml"  # a training run's file: its callback settings change no score and are left out
+    cfg.write_text("progadv:\n  beta: 0.25\n  baselines: [random]\n  eval_steps: 4\n  top_k: 3\n")
+    out = tmp_path / "t.json"
+    rc = main(["evaluate", *_models(tiny_dir), "--input", str(data), "--output", str(out), "--config", str(cfg),
+               "--top-k", "5", "--baselines", "self_certainty", "neg_entropy", "--cumulative"])
+    assert rc == 0
+    config = json.loads(out.read_text())["config"]
+    assert (config["beta"], config["top_k"], config["baselines"], config["cumulative"]) == (
+        0.25, 5, ["self_certainty", "neg_entropy"], True)
+    assert "eval_steps" not in config

@@ -20,7 +20,7 @@ import progadv_trl
 from progadv_trl import cli
 from progadv_trl.cli import main
 from progadv_trl.data import Message
-from progadv_trl.loaders import save_trajectories
+from progadv_trl.formats import save_trajectories
 
 from conftest import cli_models, many_trajectories, sample_trajectories
 
@@ -151,8 +151,8 @@ def _fork_main(args, slow=0.0, stderr=None):
             if slow:
                 fast = cli._progress
 
-                def slowly(iterable, a, desc):
-                    for x in fast(iterable, a, desc):
+                def slowly(iterable, a, desc, **kw):
+                    for x in fast(iterable, a, desc, **kw):
                         time.sleep(slow)
                         yield x
 
@@ -237,6 +237,7 @@ def test_missing_output_folder_fails_before_the_models_load(tiny_dir, data, tmp_
     assert "does not exist" in capsys.readouterr().err and not out.parent.exists()
 
 
+@pytest.mark.slow
 def test_resume_on_a_pipe_is_refused_instead_of_hanging(tiny_dir, data):  # `--output /dev/stdout --resume | wc -l`
     env = {**os.environ, "PYTHONPATH": str(Path(progadv_trl.__file__).resolve().parents[1])}
     p = subprocess.run([sys.executable, "-m", "progadv_trl.cli", "score", *_models(tiny_dir), "--input", str(data),
@@ -446,7 +447,7 @@ def test_interrupted_rank_keeps_the_old_output(tiny_dir, data, tmp_path, monkeyp
     out = tmp_path / "chosen.jsonl"
     out.write_text("old\n")
 
-    def interrupted(iterable, args, desc):
+    def interrupted(iterable, args, desc, **kw):
         for i, x in enumerate(iterable):
             if i == 2:
                 raise KeyboardInterrupt

@@ -11,7 +11,7 @@ import pytest
 
 from progadv_trl import ProgressAdvantageConfig
 from progadv_trl.cli import main
-from progadv_trl.loaders import save_trajectories
+from progadv_trl.formats import save_trajectories
 
 from conftest import cli_models, sample_trajectories
 
@@ -84,7 +84,7 @@ def test_config_with_policy_file_keys_over_defaults_flags_over_file(tiny_dir, da
     cfg = _cfg_file(tmp_path, "progadv:\n  beta: 0.25\n  temperature: 0.5\n  cumulative: true\n")
     out = tmp_path / "o.jsonl"
     rc, err = _cli(["evaluate", *_models(tiny_dir), "--config", str(cfg), "--temperature", "0.8", "--no-cumulative",
-                    "--input", str(data), "--output", str(out), "--methods", "random"], capsys)
+                    "--input", str(data), "--output", str(out), "--baselines", "random"], capsys)
     assert rc == 0, err
     config = json.loads(out.read_text())["config"]
     assert (config["beta"], config["temperature"], config["cumulative"]) == (0.25, 0.8, False)

@@ -3,14 +3,16 @@
 import json
 from pathlib import Path
 
+import pytest
+
 from progadv_trl.envs.demo_config import DemoConfig, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_yaml_configs_equal_builtin_settings():
-    assert DemoConfig.from_yaml(ROOT / "configs" / "demo.yaml") == DemoConfig()
-    assert DemoConfig.from_yaml(ROOT / "configs" / "demo_quick.yaml") == DemoConfig.quick()
+    assert DemoConfig.from_yaml(ROOT / "progadv_trl" / "configs" / "demo.yaml") == DemoConfig()
+    assert DemoConfig.from_yaml(ROOT / "progadv_trl" / "configs" / "demo_quick.yaml") == DemoConfig.quick()
     run = DemoConfig().runs[1]
     assert run.beta == 0 and run.score_beta == 1.0 and run.exact_beta == 0.04 and run.checkpoints[-1] == run.steps
 
@@ -33,6 +35,7 @@ def tiny_config() -> DemoConfig:
                       plot_episodes=1, bootstrap=20)
 
 
+@pytest.mark.slow
 def test_demo_writes_the_report(tmp_path, capsys):
     from progadv_trl.baselines import BASELINES
     from progadv_trl.envs.demo import run_demo
@@ -66,6 +69,7 @@ def test_demo_writes_the_report(tmp_path, capsys):
     assert (report / "advantages_vs_exact.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_demo_rerun_uses_the_cache(tmp_path):
     from progadv_trl.envs.demo import prepare_exact, prepare_reference
     from progadv_trl.envs.number_line import NumberLineEnv

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from progadv_trl import ProgressAdvantageConfig, ProgressAdvantageScorer
-from progadv_trl.loaders import save_trajectories
+from progadv_trl.formats import save_trajectories
 from progadv_trl.monitor import ProgressAdvantageMonitor
 from progadv_trl.tiny import build_model, build_tokenizer
 
@@ -19,6 +19,7 @@ from conftest import sample_trajectories
 SCRIPT = Path(__file__).parent / "scripts" / "grpo_two_process.py"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
                     reason="torchrun not installed")
 def test_two_process_grpo_matches_single_process_metrics(tmp_path):

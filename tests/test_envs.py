@@ -262,6 +262,7 @@ def test_sample_episodes_labels(env_model):
 
 
 # ---------------------------------------------------------------------------------------------- GRPO
+@pytest.mark.slow
 @pytest.mark.parametrize("beta,loss_type", [(0.04, "grpo"), (0.0, "dapo")])
 def test_grpo_smoke(env_model, tmp_path, beta, loss_type):
     from progadv_trl.envs.training import train_grpo

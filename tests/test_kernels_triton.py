@@ -24,28 +24,19 @@ DEVICE = "cuda" if ON_CUDA else "cpu"
 needs_kernel = pytest.mark.skipif(not (INTERPRETED or ON_CUDA),
                                   reason="needs CUDA, or TRITON_INTERPRET=1 (test_under_triton_interpreter runs it so)")
 
-# name: (n, h_p, h_r, vocab, kwargs); odd sizes that divide no block size
-TINY = {
-    "plain": (13, 32, 32, 300, {}),
-    "temperature": (13, 32, 32, 300, {"temperature": 0.7}),
-    "bias_widths_differ": (11, 32, 24, 257, {"bias": True}),
-    "softcap": (13, 32, 32, 300, {"policy_softcap": 30.0, "reference_softcap": 30.0, "spread": 40.0}),
-    "logit_scale": (9, 32, 16, 300, {"policy_logit_scale": 0.5, "reference_logit_scale": 2.0}),
-    "everything": (16, 24, 32, 291, {"temperature": 0.7, "bias": True, "policy_softcap": 30.0,
-                                     "reference_logit_scale": 1.5, "spread": 20.0}),
-    "tiny_vocab": (9, 8, 8, 7, {"top_k": 20}),
+# name: (kwargs, tiny sizes, large sizes); sizes (n, h_p, h_r, vocab) are odd ones that divide no block size
+CASES = {
+    "plain": ({}, (13, 32, 32, 300), (1000, 256, 256, 32003)),
+    "temperature": ({"temperature": 0.7}, (13, 32, 32, 300), (777, 256, 256, 32003)),
+    "bias_widths_differ": ({"bias": True}, (11, 32, 24, 257), (1000, 256, 192, 20011)),
+    "softcap": ({"policy_softcap": 30.0, "reference_softcap": 30.0, "spread": 40.0},
+                (13, 32, 32, 300), (1000, 256, 256, 20011)),
+    "logit_scale": ({"policy_logit_scale": 0.5, "reference_logit_scale": 2.0},
+                    (9, 32, 16, 300), (513, 256, 128, 20011)),
+    "everything": ({"temperature": 0.7, "bias": True, "policy_softcap": 30.0, "reference_logit_scale": 1.5,
+                    "spread": 20.0}, (16, 24, 32, 291), (1000, 200, 256, 32003)),
+    "tiny_vocab": ({"top_k": 20}, (9, 8, 8, 7), (9, 8, 8, 7)),
 }
-LARGE = {
-    "plain": (1000, 256, 256, 32003, {}),
-    "temperature": (777, 256, 256, 32003, {"temperature": 0.7}),
-    "bias_widths_differ": (1000, 256, 192, 20011, {"bias": True}),
-    "softcap": (1000, 256, 256, 20011, {"policy_softcap": 30.0, "reference_softcap": 30.0, "spread": 40.0}),
-    "logit_scale": (513, 256, 128, 20011, {"policy_logit_scale": 0.5, "reference_logit_scale": 2.0}),
-    "everything": (1000, 200, 256, 32003, {"temperature": 0.7, "bias": True, "policy_softcap": 30.0,
-                                           "reference_logit_scale": 1.5, "spread": 20.0}),
-    "tiny_vocab": (9, 8, 8, 7, {"top_k": 20}),
-}
-CASES = LARGE if ON_CUDA else TINY
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TOL = {torch.float32: (1e-4, 1e-5), torch.float16: (1e-3, 1e-4), torch.bfloat16: (1e-3, 1e-4)}
 
@@ -56,8 +47,8 @@ def triton_calls(monkeypatch):
     from progadv_trl.kernels import triton_fold
 
     calls = []
-    inner = triton_fold.fused_stats
-    monkeypatch.setattr(triton_fold, "fused_stats", lambda *a, **k: calls.append(1) or inner(*a, **k))
+    inner = triton_fold.fold
+    monkeypatch.setattr(triton_fold, "fold", lambda *a, **k: calls.append(1) or inner(*a, **k))
     return calls
 
 
@@ -66,8 +57,8 @@ def _to(device, *tensors):
 
 
 def _run(case, dtype):
-    n, h_p, h_r, vocab, kw = CASES[case]
-    kw = dict(kw)
+    kw, tiny, large = CASES[case]
+    (n, h_p, h_r, vocab), kw = (large if ON_CUDA else tiny), dict(kw)
     spread, bias, top_k = kw.pop("spread", 4.0), kw.pop("bias", False), kw.pop("top_k", 20)
     hp, wp, hr, wr, targets, bp, br = _inputs(n, h_p, h_r, vocab, dtype=dtype, bias=bias, spread=spread)
     out = two_model_token_stats(*_to(DEVICE, hp, wp, hr, wr, targets), policy_bias=_to(DEVICE, bp)[0],
@@ -80,7 +71,7 @@ def _run(case, dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("case", list(TINY))
+@pytest.mark.parametrize("case", list(CASES))
 def test_matches_float64_reference(case, dtype, triton_calls):
     dtype = DTYPES[dtype]
     if INTERPRETED and dtype == torch.bfloat16:
@@ -136,6 +127,7 @@ def test_tied_logits(triton_calls):
     torch.testing.assert_close(out["self_certainty"].cpu(), torch.zeros(7), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_TRITON or INTERPRETED, reason="needs triton; runs the interpreted tests in a subprocess")
 def test_under_triton_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -147,14 +139,14 @@ def test_under_triton_interpreter():
 
 def test_default_backend_is_torch_on_every_device(monkeypatch):
     """Until the Triton path has passed these tests on a GPU, only an explicit backend="triton" runs it."""
-    from progadv_trl.kernels import fused_stats
+    from progadv_trl.kernels import constants
 
-    assert not fused_stats.TRITON_VALIDATED
+    assert not constants.TRITON_VALIDATED
     hp, wp, hr, wr, targets, bp, br = _to(DEVICE, *_inputs(14, 32, 16, 300, bias=True))
     if HAS_TRITON:
         from progadv_trl.kernels import triton_fold
 
-        monkeypatch.setattr(triton_fold, "fused_stats", lambda *a, **k: pytest.fail("Triton ran by default"))
+        monkeypatch.setattr(triton_fold, "fold", lambda *a, **k: pytest.fail("Triton ran by default"))
     for backend in ("auto", "torch"):
         two_model_token_stats(hp, wp, hr, wr, targets, backend=backend)
         token_stats(hp, wp, targets, backend=backend)

@@ -12,9 +12,11 @@ import torch
 
 from progadv_trl import ProgressAdvantageScorer
 from progadv_trl.cli import main
-from progadv_trl.loaders import save_trajectories
+from progadv_trl.formats import save_trajectories
 
 from conftest import many_trajectories, sample_trajectories
+
+pytestmark = pytest.mark.slow  # kill/resume loops in forked processes
 
 KILLS = 10
 
@@ -70,8 +72,8 @@ def test_ctrl_c_exits_130_with_whole_lines_no_lock_and_resume_continues(tiny_dir
         sys.stderr = open(err, "w", buffering=1)
         fast = cli._progress
 
-        def slowly(iterable, a, desc):  # so that Ctrl-C comes mid-run
-            for x in fast(iterable, a, desc):
+        def slowly(iterable, a, desc, **kw):  # so that Ctrl-C comes mid-run
+            for x in fast(iterable, a, desc, **kw):
                 time.sleep(0.1)
                 yield x
 

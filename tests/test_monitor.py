@@ -1,5 +1,8 @@
 """The monitor without a Trainer: reference caching, disk snapshots, drift numbers, decay warnings."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -20,17 +23,28 @@ def _models(tiny_dir):
 def test_cached_disk_snapshot_matches_uncached_and_skips_reference_forwards(tiny_dir, tmp_path):
     policy, reference, tok = _models(tiny_dir)
     ref = snapshot(reference, tmp_path / "snap", "disk")
+    loaded, forwards = [], []  # weak references to each reference model loaded from disk; its forward calls
+    load = ref.view
+
+    def counting_load():
+        view = load()
+        loaded.append(weakref.ref(view.model))
+        view.model.get_input_embeddings().register_forward_hook(lambda *_: forwards.append(1))
+        return view
+
+    ref.view = counting_load
     cached = ProgressAdvantageMonitor(ref, tok, ProgressAdvantageConfig(export=False), heldout=sample_trajectories())
     plain = ProgressAdvantageMonitor(reference, tok, ProgressAdvantageConfig(export=False, reference_cache=False),
                                      heldout=sample_trajectories())
     a1, b1 = cached.evaluate(policy, 0), plain.evaluate(policy, 0)
-    misses = cached._cached.misses
-    assert misses > 0 and cached._cached._view is None  # released after the first evaluation
+    gc.collect()
+    n_forwards = len(forwards)
+    assert len(loaded) == 1 and n_forwards > 0 and loaded[0]() is None  # loaded once, freed after the evaluation
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.01 * torch.randn_like(p))
     a2, b2 = cached.evaluate(policy, 1), plain.evaluate(policy, 1)
-    assert cached._cached.misses == misses and cached._cached._view is None  # no reference forward, no load
+    assert len(loaded) == 1 and len(forwards) == n_forwards  # no load, no reference forward: the cache answered
     for a, b in ((a1, b1), (a2, b2)):
         for key in ("progadv/kl/mean", "progadv/log_ratio/mean", "progadv/auroc", "progadv/weight_drift"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key

@@ -1,4 +1,4 @@
-"""Reliability and safety: fuzzed loaders and spans, determinism, untrusted scorer folders, edge cases."""
+"""Reliability and safety: fuzzed input formats and spans, determinism, untrusted scorer folders, edge cases."""
 
 import json
 import shutil
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from progadv_trl import ProgadvDataError, ProgressAdvantageConfig, ProgressAdvantageScorer
 from progadv_trl.data import Message, Trajectory
-from progadv_trl.loaders import load_trajectories
+from progadv_trl.formats import load_trajectories
 from progadv_trl.rendering import TrajectoryTokenizer
 from progadv_trl.tiny import build_tokenizer
 
@@ -28,6 +28,7 @@ records = st.fixed_dictionaries({"messages": messages | json_values},
                                           "group": json_values})
 
 
+@pytest.mark.slow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(records, min_size=1, max_size=3))
 def test_random_records_load_or_raise_our_error(rows):

@@ -295,3 +295,20 @@ def test_trajectory_longer_than_the_context_is_cut_to_it_and_recorded(tiny_dir, 
     assert "context of 48 tokens" in caplog.text
     explicit = ProgressAdvantageScorer.from_models(policy, reference, tokenizer=tok, max_length=48).score([long])[0]
     assert res.score == pytest.approx(explicit.score, abs=1e-6)
+
+
+def test_only_the_requested_baselines_are_computed(tiny_dir, scorer):
+    some = ProgressAdvantageScorer.from_models(tiny_dir / "policy", tiny_dir / "reference",
+                                               baselines=["deepconf_tail", "reference_logprob"])
+    few, full = some.score(sample_trajectories()), scorer.score(sample_trajectories())
+    for r, f in zip(few, full):
+        assert list(r.scores) == ["progress_advantage", "deepconf_tail", "reference_logprob"]
+        assert set(r.action_values) == set(r.scores)
+        assert all(r.scores[m] == f.scores[m] and r.action_values[m] == f.action_values[m] for m in r.scores)
+        assert "self_certainty" not in r.to_dict()["baselines"]
+    table = some.evaluate(few)
+    assert set(table) == {"progress_advantage", "deepconf_tail", "reference_logprob"}
+    with pytest.raises(KeyError, match="'neg_entropy' was not computed"):
+        some.evaluate(few, methods=["neg_entropy"])
+    with pytest.raises(KeyError, match="'random' was not computed"):
+        some.best_of_n(few, using="random")

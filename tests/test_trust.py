@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from progadv_trl import ProgressAdvantageConfig, ProgressAdvantageScorer
+from progadv_trl import ProgressAdvantageScorer, ScoringConfig
+from progadv_trl.config import SCORING_FIELDS
 from progadv_trl.cli import main
-from progadv_trl.loaders import save_trajectories
+from progadv_trl.formats import save_trajectories
 from progadv_trl.tiny import build_tokenizer
 
 from conftest import sample_trajectories
@@ -308,10 +309,16 @@ def test_config_that_is_not_an_object_is_refused(saved):
 def test_overrides_change_only_the_named_fields(export):
     loaded = load(export, max_length=128)
     assert (loaded.config.beta, loaded.config.temperature, loaded.config.max_length) == (0.5, 0.7, 128)
-    saved_cfg = ProgressAdvantageConfig.from_dict(meta_of(export)["config"])
+    saved_cfg = ScoringConfig.from_dict(meta_of(export)["config"])
     assert {**saved_cfg.to_dict(), "max_length": 128} == loaded.config.to_dict()  # every other field as saved
-    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['betta'\]"):
+    with pytest.raises(ValueError, match=r"unknown scoring config field\(s\) \['betta'\]"):
         load(export, betta=0.1)
+    with pytest.raises(ValueError, match=r"\['eval_steps'\]"):  # a training setting is not a scorer's
+        load(export, eval_steps=3)
+
+
+def test_an_export_holds_only_scoring_fields(export):
+    assert set(meta_of(export)["config"]) == {"config_version", *SCORING_FIELDS}
 
 
 # ----------------------------------------------------------------------------- hostile and careless extra cases
@@ -582,3 +589,11 @@ def test_peft_export_round_trips_with_its_manifest(tiny_dir, tmp_path):
         (tmp_path / "exp" / "policy" / "adapter_config.json").read_text().replace('"r": 4', '"r": 2'))
     with pytest.raises(ValueError, match=r"policy/adapter_config\.json"):
         load(tmp_path / "exp")
+
+
+def test_an_export_of_a_development_version_with_training_settings_still_loads(saved):
+    # 0.1.0 development exports also held the callback's settings: they are read past, never applied
+    rewrite(saved, lambda m: m["config"].update(eval_steps=3, quality_metric="spearman", heldout="h.jsonl"))
+    config = load(saved).config
+    assert type(config) is ScoringConfig and (config.beta, config.temperature) == (0.5, 0.7)
+    assert "eval_steps" not in config.to_dict()

@@ -6,9 +6,10 @@ row's positions count only its real tokens, so a row sees exactly its own tokens
 
 from __future__ import annotations
 
-import inspect
 
 import torch
+
+from ..models import cache_keyword
 
 
 class IncrementalBatch:
@@ -28,9 +29,7 @@ class IncrementalBatch:
         self.cache = DynamicCache(config=model.config)
         self.mask = torch.zeros((n_rows, 0), dtype=torch.long, device=self.device)
         self.count = torch.zeros(n_rows, dtype=torch.long, device=self.device)
-        # transformers >= 5.2x names the argument ``cache`` (``past_key_values`` is deprecated there)
-        params = inspect.signature(type(model).forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self._cache_arg = cache_keyword(type(model).forward)
 
     @torch.no_grad()
     def feed(self, chunks: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -233,9 +233,12 @@ def evaluate_run(run: RunConfig, run_dir: Path, ref_dir: Path, env, labels: Exac
 
 # ---------------------------------------------------------------------------------------------- the demo
 def load_config(config_path: str | os.PathLike | None = None, quick: bool = False) -> DemoConfig:
-    """``config_path`` when given, else the built-in default (``quick``: the ``--quick`` settings)."""
+    """``config_path`` (a YAML file or a packaged config's name, ``demo``) when given, else the built-in default
+    (``quick``: the ``--quick`` settings)."""
     if config_path is not None:
-        return DemoConfig.from_yaml(config_path)
+        from ..configs import resolve
+
+        return DemoConfig.from_yaml(resolve(config_path))
     return DemoConfig.quick() if quick else DemoConfig()
 
 
@@ -243,19 +246,21 @@ def run_demo(output_dir: str | os.PathLike = "progadv-demo", *, config_path: str
              quick: bool = False, config: DemoConfig | None = None) -> dict:
     """Run every phase (see the module docstring) and write the report to ``<output_dir>/report``.
 
-    Returns the content of ``metrics.json``.
+    Returns the content of ``metrics.json``. Raises :class:`~progadv_trl.envs.report.MissingExtra` at once when
+    matplotlib (the ``plots`` extra) is not installed.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .number_line import NumberLineEnv
-    from .report import write_report
+    from .report import require_matplotlib, write_report
     from .sampling import sample_episodes
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     # TRL 1.16 calls transformers' renamed gradient_checkpointing API every step: one FutureWarning per call
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*", category=FutureWarning)
+    require_matplotlib()  # before any training, not after it
     cfg = config or load_config(config_path, quick)
     out, n_phases = Path(output_dir), 2 + 2 * len(cfg.runs) + 1
     cache = out / "cache"

@@ -1,7 +1,8 @@
-"""The demo's configuration: one dataclass, read from YAML (``configs/demo.yaml``, ``configs/demo_quick.yaml``).
+"""The demo's configuration: one dataclass, read from YAML (the packaged ``demo`` and ``demo_quick`` configs,
+``progadv_trl/configs/demo.yaml`` and ``progadv_trl/configs/demo_quick.yaml``).
 
-The built-in defaults equal ``configs/demo.yaml`` and :meth:`DemoConfig.quick` equals ``configs/demo_quick.yaml``
-(a test checks both), so ``progadv demo`` runs the same from a source checkout and from an installed wheel.
+The built-in defaults equal ``demo.yaml`` and :meth:`DemoConfig.quick` equals ``demo_quick.yaml`` (a test checks
+both), so ``progadv demo`` and ``progadv demo --config demo`` run the same.
 """
 
 from __future__ import annotations

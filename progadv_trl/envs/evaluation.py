@@ -34,7 +34,6 @@ from ..results import METHOD, TrajectoryScore, evaluation_table
 
 EXACT = "exact_advantage"
 ORACLE = "oracle_success_gap"
-SPEARMAN_COLUMNS = ("spearman_exact", "spearman_exact_live", "spearman_unregularised")
 N_BOOTSTRAP = 200
 
 

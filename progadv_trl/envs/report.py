@@ -3,8 +3,8 @@
 
 ``runs`` maps a run name to ``{"history": callback history rows, "checkpoints": [{"step", **evaluation}], "final":
 evaluation, "episodes", "results", "train_log"}`` (see :func:`~progadv_trl.envs.demo.evaluate_run` and
-:func:`~progadv_trl.envs.evaluation.evaluate_episodes`). Plots need matplotlib (the ``plots`` extra); without it they
-are skipped with a note.
+:func:`~progadv_trl.envs.evaluation.evaluate_episodes`). The plots need matplotlib, from the ``plots`` extra
+(``pip install "progadv-trl[plots]"``), imported only when they are drawn; the tables need nothing more.
 
 The tables are rendered from ``metrics.json`` alone (:func:`render_tables`), so committed tables can be checked
 against committed metrics and regenerated::
@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..data import json_ready
+from ..outputs import UsageError
 from ..results import METHOD
 from .evaluation import EXACT, ORACLE, best_baseline, interval, step_arrays
 
@@ -126,12 +127,34 @@ def drift_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _plot_signal(path: Path, cfg, runs: dict) -> None:
+PLOTS_EXTRA = 'pip install "progadv-trl[plots]"'
+
+
+class MissingExtra(UsageError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it (the CLI exits 2)."""
+
+
+def require_matplotlib() -> None:
+    """Raise :class:`MissingExtra` (naming the ``plots`` extra) when matplotlib cannot be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise MissingExtra(f"the demo's plots need matplotlib, which is not installed: {PLOTS_EXTRA}") from e
+
+
+def _pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (see :func:`require_matplotlib`)."""
+    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_signal(path: Path, cfg, runs: dict) -> None:
+    plt = _pyplot()
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.4))
     for k, run in enumerate(cfg.runs):
         color, r = f"C{k}", runs[run.name]
@@ -159,11 +182,7 @@ def _plot_signal(path: Path, cfg, runs: dict) -> None:
 
 
 def _plot_advantages(path: Path, cfg, run, r: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     episodes, results = r["episodes"], r["results"]
     steps = step_arrays(episodes, results)
     fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
@@ -197,11 +216,9 @@ def _plot_advantages(path: Path, cfg, run, r: dict) -> None:
 
 
 def write_plots(report_dir: Path, cfg, runs: dict) -> list[str]:
-    """The two PNGs (the advantage plot shows the first run with beta > 0); returns their names, or a note."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return ["(plots skipped: pip install matplotlib)"]
+    """The two PNGs (the advantage plot shows the first run with beta > 0); returns their names.
+
+    Raises :class:`MissingExtra` without matplotlib."""
     _plot_signal(report_dir / "signal_vs_step.png", cfg, runs)
     main = next((r for r in cfg.runs if r.beta > 0), cfg.runs[0])
     _plot_advantages(report_dir / "advantages_vs_exact.png", cfg, main, runs[main.name])

@@ -1,4 +1,4 @@
-"""Triton path of :mod:`progadv_trl.kernels.fused_stats`: the online fold fused into the matmul (CUDA).
+"""Triton backend of :mod:`.fused_stats`: the online fold fused into the matmul (CUDA).
 
 Each program owns ``BLOCK_M`` rows and one slice of the vocabulary (split-V grid). For every ``BLOCK_N`` vocabulary
 columns it computes the logit tile of both models with ``tl.dot`` (fp32 accumulation), applies the transform and
@@ -13,7 +13,7 @@ Top-k (``topk_confidence``): each row keeps its ``k`` largest values in a ``[BLO
 moved in by repeated max-extraction, ``min(k, max over rows of #{u > tau})`` rounds (zero for most tiles once
 ``tau`` is high, but a block of rows pays for its busiest row). The merge takes the top-k of the slices' lists.
 
-Target logits come from a ``[N, H]`` gather in torch (:meth:`_Head.target_logits`). Not supported here, so left to
+Target logits come from a ``[N, H]`` gather in torch (:meth:`.heads.Head.target_logits`). Not supported here, so left to
 the torch path by :func:`supports`: non-CUDA tensors (unless forced), hidden and weight dtypes that differ or are not
 fp32/fp16/bf16, ``k > 64``. fp32 inputs use IEEE fp32 ``tl.dot`` (no TF32), correct but far from the bf16 speed.
 ``chunk_size`` is ignored. Runs only when asked for (``backend="triton"``); CPU tensors need ``TRITON_INTERPRET=1``
@@ -22,12 +22,14 @@ set before Triton is imported.
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .finish import Folded, Plan
+from .heads import Head
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -163,7 +165,7 @@ def _fold_kernel(
 
 
 def supports(policy, reference, top_k: int) -> bool:
-    """Whether this path handles the inputs (``_Head`` objects from ``fused_stats``)."""
+    """Whether this backend handles the inputs (:class:`.heads.Head` objects)."""
     heads = [policy] if reference is None else [policy, reference]
     return top_k <= MAX_TOP_K and all(
         h.raw_hidden.dtype in _DTYPES and h.raw_hidden.dtype == h.weight.dtype for h in heads)
@@ -201,10 +203,11 @@ def _head_args(head):
     return hidden, weight, bias, head.pre, head.post * LOG2E, True
 
 
-def fold(policy, reference, *, a=False, b=False, zsum=False, top_k=0, config=None, splits=None):
-    """Run the kernel and merge the slices: ``{"log_z", "a", "b", "zsum", "top", "ref_log_z"}`` in natural units.
+def _launch(policy: Head, reference: Head | None, *, a=False, b=False, zsum=False, top_k=0, config=None,
+            splits=None) -> Folded:
+    """Run the kernel and merge the slices into natural units.
 
-    ``policy`` is the folded model (``m``, ``S``; ``A`` if ``a``, the logit sum if ``zsum``, its top-k values
+    ``policy`` is the folded model (``logZ``, ``S``; ``A`` if ``a``, the mean logit if ``zsum``, its top-k values
     ``[N, top_k]`` if ``top_k``); ``reference`` (optional) adds ``logZ_r`` and, if ``b``, ``B``.
     """
     bm, bn, bk, warps, stages = config or DEFAULT_CONFIG
@@ -236,50 +239,26 @@ def fold(policy, reference, *, a=False, b=False, zsum=False, top_k=0, config=Non
     big_m = m.amax(0)
     w = torch.exp2(m - big_m)
     s_tot = (w * s).sum(0)
-    out = {"log_z": (big_m + torch.log2(s_tot)) * LN2, "s": s_tot}
+    out = Folded(log_z=(big_m + torch.log2(s_tot)) * LN2, s=s_tot)
     if a:
-        out["a"] = (w * acc_a).sum(0) * LN2
+        out.a = (w * acc_a).sum(0) * LN2
     if b:
-        out["b"] = (w * acc_b).sum(0) * LN2
+        out.b = (w * acc_b).sum(0) * LN2
     if zsum:
-        out["zsum"] = acc_z.sum(0) * LN2
+        out.mean = acc_z.sum(0) * LN2 / vocab
     if top_k:
-        out["top"] = top.permute(1, 0, 2).reshape(n, -1).topk(top_k, -1, sorted=False).values * LN2
+        out.top = top.permute(1, 0, 2).reshape(n, -1).topk(top_k, -1, sorted=False).values * LN2
     if reference is not None:
         big_mr = m_r.amax(0)
-        out["ref_log_z"] = (big_mr + torch.log2((torch.exp2(m_r - big_mr) * s_r).sum(0))) * LN2
+        out.ref_log_z = (big_mr + torch.log2((torch.exp2(m_r - big_mr) * s_r).sum(0))) * LN2
     return out
 
 
-def fused_stats(policy, reference, targets: torch.Tensor, want: set[str], top_k: int,
-                **kernel_options) -> dict[str, torch.Tensor]:
-    """Same contract as ``fused_stats._fused_stats`` (``reference=None``: single model); one kernel launch."""
-    from .fused_stats import POLICY_STATS, STATS
-
-    vocab = policy.vocab
-    targets = targets.long()
-    need_policy = bool(want & {*POLICY_STATS, "kl"})
-    need_ref = reference is not None and bool(want & {"ref_logprob", "kl"})
-    k = min(top_k, vocab) if "topk_confidence" in want else 0
-    out = {}
-    if need_policy:
-        r = fold(policy, reference if need_ref else None, a=bool(want & {"entropy", "kl"}), b="kl" in want,
-                 zsum="self_certainty" in want, top_k=k, **kernel_options)
-        log_z = r["log_z"]
-        if "logprob" in want:
-            out["logprob"] = policy.target_logits(targets) - log_z
-        if "entropy" in want:
-            out["entropy"] = log_z - r["a"] / r["s"]
-        if "self_certainty" in want:
-            out["self_certainty"] = log_z - r["zsum"] / vocab - math.log(vocab)
-        if "topk_confidence" in want:
-            out["topk_confidence"] = log_z - r["top"].mean(-1)
-        ref_log_z = r.get("ref_log_z")
-    elif need_ref:
-        ref_log_z = fold(reference, None, **kernel_options)["log_z"]
-    if need_ref:
-        if "ref_logprob" in want:
-            out["ref_logprob"] = reference.target_logits(targets) - ref_log_z
-        if "kl" in want:
-            out["kl"] = (r["a"] - r["b"]) / r["s"] - log_z + ref_log_z
-    return {key: out[key] for key in STATS if key in want}
+def fold(policy: Head, reference: Head | None, plan: Plan, **kernel_options) -> Folded:
+    """Fold what ``plan`` asks for (one kernel launch); ``kernel_options``: ``config``, ``splits`` of the launch."""
+    if plan.policy:
+        return _launch(policy, reference if plan.reference else None, a=plan.a, b=plan.b, zsum=plan.mean,
+                       top_k=plan.top_k, **kernel_options)
+    if plan.reference:
+        return Folded(ref_log_z=_launch(reference, None, **kernel_options).log_z)
+    return Folded()

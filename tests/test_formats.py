@@ -1,4 +1,4 @@
-"""Tests for progadv_trl.loaders: our JSONL, TRL rows, tau2 files, Who&When logs, and bad input."""
+"""Tests for progadv_trl.formats: our JSONL, TRL rows, tau2 files, Who&When logs, and bad input."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from progadv_trl.data import Message, ProgadvDataError, ToolCall, Trajectory
-from progadv_trl.loaders import (FORMATS, iter_trajectories, load_trajectories, save_trajectories,
-                                 whowhen_agent)
+from progadv_trl.formats import (FORMATS, AgentAttribution, iter_trajectories, load_trajectories,
+                                 save_trajectories, whowhen_agent)
 
 WHOWHEN = Path(__file__).resolve().parents[2] / "shared" / "data" / "who_and_when"
 
@@ -247,6 +247,23 @@ def test_whowhen_agent():
     assert whowhen_agent(Message("assistant", "x", name="Orchestrator (-> WebSurfer)")) == "Orchestrator"
     assert whowhen_agent(Message("assistant", "x", name="Computer_terminal")) == "Computer_terminal"
     assert whowhen_agent(Message("user", "x")) == "user"
+
+
+def test_agent_attribution_names_the_speaker_and_counts_labelled_hits():
+    def log(tid, mistake_agent):
+        msgs = [Message("user", "q"), Message("assistant", "a", name="Orchestrator (thought)"),
+                Message("assistant", "b", name="WebSurfer")]
+        return Trajectory(msgs, id=tid, metadata={} if mistake_agent is None else {"mistake_agent": mistake_agent})
+
+    agents = AgentAttribution()
+    seen = list(agents.remember([log("a", "WebSurfer"), log(7, "WebSurfer"), log("c", None)]))
+    assert [t.id for t in seen] == ["a", 7, "c"]
+    assert agents.predict("a", 2) == ("WebSurfer", "WebSurfer")
+    assert agents.predict(7, 1) == ("Orchestrator", "WebSurfer")  # ids are matched as strings
+    assert agents.predict("c", 2) == ("WebSurfer", None)  # unlabelled: not counted
+    assert (agents.hits, agents.labelled) == (1, 2)
+    with pytest.raises(KeyError):
+        agents.predict("a", 2)  # forgotten once predicted
 
 
 # ------------------------------------------------------------------------------------------------------ bad input
