@@ -6,7 +6,7 @@ from .callback import ProgressAdvantageCallback
 from .config import ProgressAdvantageConfig, ScoringConfig
 from .data import Message, ProgadvDataError, ToolCall, Trajectory
 from .formats import load_trajectories, save_trajectories
-from .results import StepScore, TrajectoryScore
+from .trajectory_scores import StepScore, TrajectoryScore
 from .monitor import ProgressAdvantageMonitor
 from .scorer import ProgressAdvantageScorer
 from .reward import ProgressAdvantageReward

@@ -673,7 +673,7 @@ def cmd_score(args) -> int:
 
 def cmd_rank(args) -> int:
     from .baselines import BASELINES
-    from .results import METHOD
+    from .trajectory_scores import METHOD
 
     if args.by != METHOD and args.by not in BASELINES:
         raise UsageError(f"--by {args.by!r}: expected {METHOD} or one of {', '.join(BASELINES)}")
@@ -699,7 +699,7 @@ def cmd_rank(args) -> int:
 
 def cmd_attribute(args) -> int:
     from .formats import AgentAttribution
-    from .results import METHOD
+    from .trajectory_scores import METHOD
 
     agents = AgentAttribution()
     step_hits = n_step = 0

@@ -19,7 +19,7 @@ from typing import Any
 
 from .advantage import STEP_AGGREGATIONS, TOKEN_AGGREGATIONS
 from .baselines import BASELINES
-from .uses import ATTRIBUTION_METHODS
+from .selection import ATTRIBUTION_METHODS
 
 CONFIG_VERSION = 1
 RENDERINGS = ("chat_template", "plain")

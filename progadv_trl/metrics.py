@@ -11,7 +11,7 @@ import numpy as np
 from scipy.stats import kendalltau, spearmanr
 from sklearn.metrics import roc_auc_score
 
-from progadv_trl.uses import ATTRIBUTION_METHODS, predict_mistake, select_best_of_n
+from progadv_trl.selection import ATTRIBUTION_METHODS, predict_mistake, select_best_of_n
 
 NAN = math.nan
 DEFAULT_COLUMNS = (
@@ -75,7 +75,7 @@ def best_of_n(scores: Sequence[float], groups: Sequence[Hashable], success: Sequ
     """Best-of-N by score within each group of attempts at one task.
 
     Returns ``best_of_n`` (mean success of the highest-scoring trajectory per group, see
-    :func:`~progadv_trl.uses.select_best_of_n`), ``mean_success`` (mean over groups of the group's mean success,
+    :func:`~progadv_trl.selection.select_best_of_n`), ``mean_success`` (mean over groups of the group's mean success,
     pass@1), ``oracle`` (fraction of groups with any success, pass@N) and ``n_groups``. NaNs when empty.
     """
     if not len(scores) == len(groups) == len(success):
@@ -319,7 +319,7 @@ def evaluate_methods(
         success: ``[n]`` bools, ``None`` entries are unlabelled and excluded from AUROC, Spearman and best-of-N.
         groups: ``[n]`` task ids for best-of-N (``None`` entries excluded); no best-of-N when ``None``.
         mistake_steps: ``[n]`` decisive error steps (0-based among the steps) or ``None`` (unlabelled).
-        attribution: method name -> :func:`~progadv_trl.uses.predict_mistake` method; default ``"step"`` (argmin).
+        attribution: method name -> :func:`~progadv_trl.selection.predict_mistake` method; default ``"step"`` (argmin).
             ProcessBench predictions use the same rule (:func:`predict_first_error`).
         first_errors: ``[n]`` labelled first erroneous step (0-based among ``process_values``), :data:`NO_ERROR`
             for a trajectory whose steps are all correct, ``None`` unlabelled; when given, the table gains

@@ -37,7 +37,7 @@ from .hub import heldout_metrics
 from .metrics import kendall_tau
 from .models import CachedView, ModelView, strip_wrappers, unsharded_copy
 from .reference import Reference
-from .results import METHOD, evaluation_table
+from .trajectory_scores import METHOD, evaluation_table
 from .scorer import ProgressAdvantageScorer
 from .sharding import check_supported, sharding_of
 

@@ -36,6 +36,9 @@ class TokenizedTrajectory:
         input_ids: ``[L]`` token ids.
         step_index: ``[L]`` the step ordinal each token belongs to, ``-1`` for context.
         steps: per step ordinal, ``(message_index, part)``; ``part`` > 0 only with a step separator.
+
+    Positions are named as in ``docs/formats.md`` ("Words for positions"): a *message index* points into
+    ``Trajectory.messages``, a *step* is a ``(message_index, part)`` pair, a *step ordinal* its position in ``steps``.
         tokens_cut: tokens removed from the left by truncation.
         max_tokens: the length limit that applied (``max_length``, or the model's context when shorter).
         step_texts: the rendered text of each step (before truncation).

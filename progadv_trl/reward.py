@@ -25,7 +25,7 @@ from .advantage import STEP_AGGREGATIONS
 from .config import ConfigError
 from .data import Message, ProgadvDataError, Trajectory
 from .formats.records import Context, parse_messages, type_name
-from .results import TrajectoryScore
+from .trajectory_scores import TrajectoryScore
 from .scorer import ProgressAdvantageScorer
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """``ProgressAdvantageScorer``: a policy, its reference and a config; trajectories in, step advantages out.
 
 It composes the layers below: :mod:`~progadv_trl.rendering` (tokens and step spans), :mod:`~progadv_trl.token_statistics`
-(hidden states through the fused kernel), :mod:`~progadv_trl.results` (advantages, baselines, uses). It also saves
+(hidden states through the fused kernel), :mod:`~progadv_trl.trajectory_scores` (advantages, baselines, uses). It also saves
 and loads itself (:meth:`save_pretrained` / :meth:`from_pretrained`, implemented in :mod:`~progadv_trl.persistence`):
 safetensors only, no remote code unless asked, atomic writes, every score-relevant file hashed and verified on load.
 """
@@ -22,7 +22,7 @@ from .data import Trajectory
 from .models import ModelView, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer, name_or_path, unwrap
 from .persistence import check_override_names, load_scorer, save_scorer
 from .rendering import TrajectoryTokenizer, same_tokenization
-from .results import TrajectoryScore, attribute, choose_best_of_n, evaluation_table, score_trajectory
+from .trajectory_scores import TrajectoryScore, attribute, choose_best_of_n, evaluation_table, score_trajectory
 from .token_statistics import compute_token_stats
 
 logger = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ trajectories by ``id``, and :func:`render_view` turns the pairs into the page (d
 The page holds a table of every trajectory (sortable by score, reward and each baseline; filterable by group and
 outcome) and, for the row clicked, its messages: each action message is coloured by its value on a diverging scale
 centred at 0, and the labelled mistake (``mistake_step`` of the input) and the predicted one (the configured
-attribution rule, :func:`progadv_trl.uses.predict_mistake`) are marked. A message's value is the sum of its steps'
+attribution rule, :func:`progadv_trl.selection.predict_mistake`) are marked. A message's value is the sum of its steps'
 advantages (one step per message unless a step separator was used). With ``--details`` scores a per-token heat map
 of ``beta * (log pi - log pi_ref)`` is drawn (lazily, by the page's script) from the embedded token data.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .data import ProgadvDataError, Trajectory
-from .uses import ATTRIBUTION_METHODS, predict_mistake
+from .selection import ATTRIBUTION_METHODS, predict_mistake
 
 METHOD = "progress_advantage"
 #: Colour of a value of -1 and +1 on the diverging scale (0 is white).

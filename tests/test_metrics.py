@@ -13,7 +13,7 @@ from progadv_trl.metrics import (
     kendall_tau,
     spearman,
 )
-from progadv_trl.uses import ATTRIBUTION_METHODS, fit_attribution_threshold, predict_mistake, select_best_of_n
+from progadv_trl.selection import ATTRIBUTION_METHODS, fit_attribution_threshold, predict_mistake, select_best_of_n
 
 NAN = float("nan")
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from ..data import Trajectory
 from ..metrics import evaluate_methods, spearman
-from ..results import METHOD, TrajectoryScore, evaluation_table
+from ..trajectory_scores import METHOD, TrajectoryScore, evaluation_table
 
 EXACT = "exact_advantage"
 ORACLE = "oracle_success_gap"

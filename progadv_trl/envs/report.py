@@ -23,7 +23,7 @@ import numpy as np
 
 from ..data import json_ready
 from ..outputs import UsageError
-from ..results import METHOD
+from ..trajectory_scores import METHOD
 from .evaluation import EXACT, ORACLE, best_baseline, interval, step_arrays
 
 COLUMNS = (("spearman_exact", "Spearman A*"), ("spearman_exact_live", "Spearman A* (live)"),

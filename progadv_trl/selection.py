@@ -1,4 +1,4 @@
-"""Uses of trajectory and step scores: best-of-N selection and failure attribution (the decisive error step)."""
+"""Selection from scores: the best trajectory of each group (best-of-N) and the decisive error step (attribution)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Per-token statistics -> step advantages, trajectory scores and baselines; and scores -> the three uses.
+"""Per-token statistics -> a :class:`TrajectoryScore` (step advantages, the requested methods' scores and step values);
+and scored trajectories -> best-of-N choices, attributions and metric tables.
 
 :func:`score_trajectory` composes the pure functions of :mod:`progadv_trl.advantage` and
 :mod:`progadv_trl.baselines` for one trajectory. :func:`choose_best_of_n`, :func:`attribute` and
@@ -23,7 +24,7 @@ from .data import Trajectory
 from .metrics import evaluate_methods, first_error_step
 from .rendering import TokenizedTrajectory
 from .token_statistics import TokenStats
-from .uses import predict_mistake, select_best_of_n
+from .selection import predict_mistake, select_best_of_n
 
 METHOD = "progress_advantage"
 
