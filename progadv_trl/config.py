@@ -442,8 +442,9 @@ class ProgressAdvantageConfig(ScoringConfig):
             Fixed labelled rollouts scored at every evaluation: a file or folder for
             :func:`~progadv_trl.load_trajectories`, a dataset, or a list of trajectories.
         heldout_prompts (`str`, `datasets.Dataset`, `list` or `None`, *optional*, defaults to `None`):
-            Held-out prompts: at every evaluation the current policy samples ``eval_num_generations`` completions per
-            prompt with the trainer's sampling settings, labelled by the trainer's reward functions.
+            Held-out prompts: at every evaluation the current policy completes each ``eval_num_generations`` times
+            through the trainer's own generation (vLLM when it uses it; its chat template and sampling settings),
+            split over ranks, and the trainer's reward functions label the completions as they label training ones.
         eval_num_generations (`int` or `None`, *optional*, defaults to `None`):
             Completions per held-out prompt; ``None`` means the trainer's ``num_generations``.
         eval_steps (`int` or `None`, *optional*, defaults to `None`):
@@ -452,8 +453,9 @@ class ProgressAdvantageConfig(ScoringConfig):
             its resolved ``logging_steps``.
         reference_placement (`str`, *optional*, defaults to `"auto"`):
             Where a snapshot reference (beta-0 runs, ``sync_ref_model``) lives: ``"device"`` (beside the policy),
-            ``"cpu"``, or ``"disk"`` (safetensors, loaded for each evaluation). ``"auto"`` is ``"device"``. The
-            snapshot is also written to disk once so that a resumed run keeps the initial reference.
+            ``"cpu"``, or ``"disk"`` (safetensors, loaded for each evaluation). ``"auto"`` is ``"device"``, or
+            ``"disk"`` when the models are sharded (FSDP2, ZeRO-3). The snapshot is also written to disk once so that
+            a resumed run keeps the initial reference.
         reference_cache (`bool`, *optional*, defaults to `True`):
             Remember the reference's hidden states on the fixed held-out rollouts: one reference forward for the whole
             run. With ``reference_placement="disk"`` the snapshot is then not even loaded again after the first
@@ -482,10 +484,10 @@ class ProgressAdvantageConfig(ScoringConfig):
     """
 
     heldout: Any = field(default=None, metadata={"help": "Fixed labelled held-out rollouts (path, dataset or list)."})
-    heldout_prompts: Any = field(default=None, metadata={"help": "Held-out prompts the current policy completes at each evaluation."})
+    heldout_prompts: Any = field(default=None, metadata={"help": "Held-out prompts the current policy completes (through the trainer's own generation) at each evaluation."})
     eval_num_generations: int | None = field(default=None, metadata={"help": "Completions per held-out prompt (default: the trainer's num_generations).", "ge": 1, "le": INT_MAX})
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every this many steps (default: trainer's eval_steps, else logging_steps).", "ge": 1, "le": INT_MAX})
-    reference_placement: str = field(default="auto", metadata={"help": "Where a snapshot reference lives.", "choices": ("auto", "device", "cpu", "disk")})
+    reference_placement: str = field(default="auto", metadata={"help": "Where a snapshot reference lives ('auto': device, or disk when sharded).", "choices": ("auto", "device", "cpu", "disk")})
     reference_cache: bool = field(default=True, metadata={"help": "Cache the reference's hidden states on fixed held-out rollouts."})
     follow_sync_ref_model: bool = field(default=False, metadata={"help": "With sync_ref_model, follow TRL's moving reference."})
     also_temperature_one: bool = field(default=False, metadata={"help": "Also log signal quality at temperature 1.0."})
