@@ -59,6 +59,8 @@ def _config_file(text: str) -> str:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .formats import FORMATS
+
     g = p.add_argument_group("models")
     g.add_argument("--policy", help="policy checkpoint folder (or PEFT adapter folder)")
     g.add_argument("--reference", help="reference checkpoint folder (default for an adapter: its base); with "
@@ -93,8 +95,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data")
     d.add_argument("--input", required=True, help="trajectories: JSONL, TRL dataset JSONL (prompt/completion or "
                    "stepwise), tau2 JSON, Who&When dir, a dataset folder or .parquet, a Hub dataset id[:split]")
-    d.add_argument("--format", default="auto", choices=["auto", "jsonl", "trl", "stepwise", "tau2", "whowhen",
-                                                         "dataset"])
+    d.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     d.add_argument("--limit", type=_count, help="score only the first N trajectories (N >= 0)")
     d.add_argument("--no-progress", action="store_true", help="no progress on stderr (else a bar with total, rate and "
                    f"ETA on a terminal, a plain line every {PROGRESS_EVERY} trajectories in a log)")
