@@ -195,6 +195,8 @@ def _config_from_args(args) -> dict[str, Any]:
     Only named settings, each checked against its field (type, range, choices) before any model loads: they are
     applied over the defaults (--policy) or over a --scorer's saved config, and every other setting keeps its value
     there. A bad setting or an unreadable --config is a usage error (exit 2)."""
+    if getattr(args, "_named_settings", None) is not None:  # read (and checked) once per command
+        return dict(args._named_settings)
     from .config import SCORING_FIELDS, ConfigError, check_settings, decode_escapes, read_config_file, scoring_settings
 
     try:  # a training run's file may also hold the callback's settings: they change no score and are left out
@@ -209,6 +211,7 @@ def _config_from_args(args) -> dict[str, Any]:
         raise UsageError(str(e)) from None
     except OSError as e:
         raise UsageError(f"--config {args.config}: cannot read: {e.strerror or e}") from None
+    args._named_settings = dict(settings)
     return settings
 
 

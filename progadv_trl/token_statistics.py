@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .kernels import token_stats, two_model_token_stats
+from .kernels import POLICY_STATS, token_stats, two_model_token_stats
 from .models import ModelView, gather_head
 from .rendering import TokenizedTrajectory
 
-POLICY_STATS = ("logprob", "entropy", "self_certainty", "topk_confidence")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from progadv_trl.hub import is_generated_card
 from progadv_trl.models import load_causal_lm
 
 from conftest import sample_trajectories
+from test_trust import scorer  # noqa: F401  (the same beta 0.5, T 0.7 scorer fixture)
 
 CONFIG_NAME = "progadv_config.json"
 COMMIT_A, COMMIT_B, COMMIT_REF = ("a" * 39 + "1"), ("b" * 39 + "2"), ("c" * 39 + "3")
@@ -58,12 +59,6 @@ def scores_of(scorer):
 
 def meta_of(folder):
     return json.loads((Path(folder) / CONFIG_NAME).read_text())
-
-
-@pytest.fixture(scope="module")
-def scorer(tiny_dir):
-    return ProgressAdvantageScorer.from_models(tiny_dir / "policy", tiny_dir / "reference", beta=0.5,
-                                               temperature=0.7)
 
 
 @pytest.fixture(scope="module")
