@@ -161,16 +161,42 @@ def train_run(run: RunConfig, ref_dir: Path, run_dir: Path, env, heldout, cfg: D
 
     shutil.rmtree(run_dir, ignore_errors=True)
     trainer = train_grpo(ref_dir, run_dir, env=env, beta=run.beta, loss_type=run.loss_type, max_steps=run.steps,
+                         scale_rewards=run.scale_rewards, use_bias_correction_kl=run.use_bias_correction_kl,
                          learning_rate=run.learning_rate, num_generations=run.num_generations,
                          prompts_per_step=run.prompts_per_step, temperature=cfg.temperature, seed=cfg.seed,
                          train=False)
     snapshots, progress = _callbacks()
     trainer.add_callback(ProgressAdvantageCallback(trainer=trainer, config=ProgressAdvantageConfig(
         heldout=heldout, eval_steps=run.eval_steps, baselines=["all"])))
-    trainer.add_callback(snapshots(run_dir / "checkpoints", run.checkpoints))
+    every_eval = range(run.eval_steps, run.steps + 1, run.eval_steps)  # later analyses read any evaluation's policy
+    trainer.add_callback(snapshots(run_dir / "checkpoints", sorted({*run.checkpoints, *every_eval})))
     trainer.add_callback(progress(run.name, run.eval_steps))
     trainer.train()
     return trainer
+
+
+TRAINED = "trained-run.json"
+
+
+def mark_trained(run_dir: Path, key: str, train_log: list[dict]) -> None:
+    """Record that ``run_dir`` holds a finished run with settings hash ``key`` (and its training log)."""
+    import json
+
+    (run_dir / TRAINED).write_text(json.dumps({"key": key, "train_log": train_log}), encoding="utf-8")
+
+
+def trained_run(run_dir: Path, key: str, checkpoints) -> list[dict] | None:
+    """The training log of a finished run in ``run_dir`` with settings hash ``key`` and every checkpoint in
+    ``checkpoints`` saved, else ``None`` (the run is trained again)."""
+    import json
+
+    marker = run_dir / TRAINED
+    if not marker.is_file():
+        return None
+    data = json.loads(marker.read_text(encoding="utf-8"))
+    needed = [run_dir / "_progadv" / "scorer", run_dir / "progadv-history.jsonl",
+              *[run_dir / "checkpoints" / f"step-{s}" for s in checkpoints]]
+    return data["train_log"] if data.get("key") == key and all(p.exists() for p in needed) else None
 
 
 def read_history(run_dir: Path) -> list[dict]:
@@ -290,12 +316,16 @@ def run_demo(output_dir: str | os.PathLike = "progadv-demo", *, config_path: str
 
     runs = {}
     for run in cfg.runs:
-        heldout = reference_episodes(cfg.callback_episodes, cfg.seed + 10_000, run.exact_beta)
-        trainer = train_run(run, ref_dir, out / run.name, env, heldout, cfg)
-        runs[run.name] = {"train_log": [r for r in trainer.state.log_history if "loss" in r],
-                          "history": read_history(out / run.name)}
+        train_log, reused = trained_run(out / run.name, cfg.run_key(run), run.checkpoints), True
+        if train_log is None:
+            heldout = reference_episodes(cfg.callback_episodes, cfg.seed + 10_000, run.exact_beta)
+            trainer = train_run(run, ref_dir, out / run.name, env, heldout, cfg)
+            train_log, reused = [r for r in trainer.state.log_history if "loss" in r], False
+            mark_trained(out / run.name, cfg.run_key(run), train_log)
+        runs[run.name] = {"train_log": train_log, "history": read_history(out / run.name)}
         clock.done(f"train_{run.name}", f"GRPO {run.name} (beta={run.beta}, loss={run.loss_type}): {run.steps} "
-                                        f"steps, callback history {out / run.name / 'progadv-history.jsonl'}")
+                                        f"steps{' (reused: trained earlier with these settings)' if reused else ''}"
+                                        f", callback history {out / run.name / 'progadv-history.jsonl'}")
     for run in cfg.runs:
         on_reference = reference_episodes(cfg.eval_episodes, cfg.seed + 30_000, run.exact_beta)
         runs[run.name].update(evaluate_run(run, out / run.name, ref_dir, env, labels, cfg, on_reference))

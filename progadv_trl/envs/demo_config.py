@@ -19,6 +19,8 @@ class RunConfig:
     """One GRPO run from the reference, with the progress-advantage callback attached.
 
     ``beta`` / ``loss_type``: TRL's KL coefficient and loss (``beta=0``, ``"dapo"`` is TRL's default).
+    ``scale_rewards`` / ``use_bias_correction_kl``: the ``GRPOConfig`` fields of those names (TRL's defaults
+    ``"group"`` and ``True``).
     ``exact_beta``: the beta of the exact ``A*`` the run's episodes are compared with; ``None`` means the run's own
     beta (a beta-0 run must name one: it has no KL-regularised optimum of its own).
     ``eval_steps``: the callback evaluates every this many steps. ``checkpoints``: steps whose policy is saved and
@@ -28,6 +30,8 @@ class RunConfig:
     name: str
     beta: float
     loss_type: str = "grpo"
+    scale_rewards: str = "group"
+    use_bias_correction_kl: bool = True
     steps: int = 150
     learning_rate: float = 1e-3
     prompts_per_step: int = 8
@@ -110,6 +114,13 @@ class DemoConfig:
     def reference_key(self) -> str:
         """Hash of what determines the reference checkpoint (its cache folder name)."""
         return _hash({"env": self.env, "reference": self.reference, "seed": self.seed})
+
+    def run_key(self, run: RunConfig) -> str:
+        """Hash of what determines a trained run, its name and checkpoint list aside (its folder is reused when this
+        matches and every checkpoint asked for was saved)."""
+        settings = {k: v for k, v in dataclasses.asdict(run).items() if k not in ("name", "checkpoints")}
+        return _hash({"reference": self.reference_key(), "run": settings,
+                      "temperature": self.temperature, "callback_episodes": self.callback_episodes})
 
     def oracle_key(self) -> str:
         """Hash of what determines the reference's reply probabilities (the exact DP's cache file name)."""
