@@ -48,6 +48,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _alpha(text: str) -> float:
+    """argparse type of --reference-alpha: a finite number other than 1."""
+    from .reference_blend import check_alpha
+
+    try:
+        return check_alpha(float(text), "--reference-alpha")
+    except ValueError as e:
+        message = str(e) if "--reference-alpha" in str(e) else f"expected a number, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
 def _config_file(text: str) -> str:
     """argparse type of --config: a file, or the bare name of a packaged config (``grpo_tiny``, ``demo``)."""
     from .configs import resolve
@@ -76,6 +87,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "flash_attention_2")
     g.add_argument("--revision", help="hub revision (branch, tag or commit) of --policy (not for a local folder)")
     g.add_argument("--reference-revision", help="hub revision of --reference (not for a local folder)")
+    g.add_argument("--reference-alpha", type=_alpha, metavar="A", help="score against the weight-space blend "
+                   "reference + A * (policy - reference) of --reference and --policy (same architecture): 0 < A < 1 "
+                   "interpolates, A < 0 extrapolates away from the policy, A = 1 (the policy) is refused")
     bits = g.add_mutually_exclusive_group()
     bits.add_argument("--load-in-4bit", action="store_true", help="load --policy/--reference quantized to 4 bits "
                       "with bitsandbytes (an adapter --policy: QLoRA, a 4-bit base and its adapter)")
@@ -283,13 +297,15 @@ def _load_scorer(args, baselines: list[str] | None = None, needed: dict[str, Any
                                                dtype=dtype, trust_remote_code=args.trust_remote_code, **loading)
 
 
-_LOADING_FLAGS = ("device_map", "attn_implementation", "revision", "reference_revision", "load_in_4bit", "load_in_8bit")
+_LOADING_FLAGS = ("device_map", "attn_implementation", "revision", "reference_revision", "reference_alpha",
+                  "load_in_4bit", "load_in_8bit")
 
 
 def _loading_options(args, dtype) -> dict[str, Any]:
     """The ``from_pretrained`` options of the loading flags, for :meth:`ProgressAdvantageScorer.from_models`; checked
     before any model loads (a bad or unusable one is a usage error)."""
-    given = [f"--{name.replace('_', '-')}" for name in _LOADING_FLAGS if getattr(args, name, None)]
+    given = [f"--{name.replace('_', '-')}" for name in _LOADING_FLAGS
+             if getattr(args, name, None) is not None and getattr(args, name) is not False]
     if given and args.scorer:
         raise UsageError(f"{', '.join(given)}: apply to --policy/--reference; a --scorer folder is loaded as it was "
                          f"saved (--device and --dtype apply)")
@@ -306,6 +322,10 @@ def _loading_options(args, dtype) -> dict[str, Any]:
     for name in ("attn_implementation", "revision", "reference_revision"):
         if getattr(args, name):
             options[name] = getattr(args, name)
+    if getattr(args, "reference_alpha", None) is not None:
+        if not args.reference:
+            raise UsageError("--reference-alpha blends --reference with --policy: give --reference")
+        options["reference_alpha"] = args.reference_alpha
     if args.load_in_4bit or args.load_in_8bit:
         import importlib.util
 
@@ -646,6 +666,8 @@ def _run_settings(args) -> tuple[dict[str, Any], dict[str, Any]]:
                        ("reference_revision", args.reference_revision)):
         if value:
             run[key] = value
+    if getattr(args, "reference_alpha", None) is not None:
+        run["reference_alpha"] = args.reference_alpha
     about = {"models": {k: getattr(args, k) for k in ("policy", "reference", "scorer")}, "limit": args.limit,
              "input": os.path.abspath(args.input)}
     return run, about

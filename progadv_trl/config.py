@@ -19,7 +19,7 @@ from typing import Any
 
 from .advantage import STEP_AGGREGATIONS, TOKEN_AGGREGATIONS
 from .baselines import BASELINES
-from .selection import ATTRIBUTION_METHODS
+from .selection import ATTRIBUTION_METHODS, DEFAULT_ATTRIBUTION, THRESHOLD_METHODS
 
 CONFIG_VERSION = 1
 RENDERINGS = ("chat_template", "plain")
@@ -324,11 +324,14 @@ class ScoringConfig:
             Number of final tokens of DeepConf's tail score.
         success_threshold (`float`, *optional*, defaults to `1.0`):
             A trajectory succeeded when its reward is at least this.
-        attribution (`str`, *optional*, defaults to `"running_sum"`):
-            Failure attribution: ``"running_sum"`` (argmin of the running sum of step advantages), ``"step"`` (argmin
-            of the step advantage) or ``"threshold"`` (earliest running sum below ``attribution_threshold``).
+        attribution (`str`, *optional*, defaults to `"change_point"`):
+            Failure attribution (:func:`~progadv_trl.selection.predict_mistake`): ``"running_sum"`` (argmin of the
+            running sum of step advantages), ``"step"`` (argmin of the step advantage), ``"change_point"`` (where the
+            running sum's largest drop begins), ``"threshold"`` (earliest running sum below
+            ``attribution_threshold``) or ``"first_below"`` (earliest step advantage below ``attribution_threshold``).
         attribution_threshold (`float` or `None`, *optional*, defaults to `None`):
-            Threshold for ``attribution="threshold"``, fitted on held-out data.
+            Threshold for ``attribution="threshold"`` or ``"first_below"``, fitted on held-out data
+            (:func:`~progadv_trl.selection.fit_attribution_threshold`).
         batch_size (`int`, *optional*, defaults to `8`):
             Trajectories per forward pass (they are sorted by length first).
         chunk_size (`int` or `None`, *optional*, defaults to `None`):
@@ -355,8 +358,8 @@ class ScoringConfig:
     deepconf_window: int = field(default=2048, metadata={"help": "DeepConf sliding-window length in tokens.", "ge": 1, "le": INT_MAX})
     deepconf_tail: int = field(default=2048, metadata={"help": "DeepConf tail length in tokens.", "ge": 1, "le": INT_MAX})
     success_threshold: float = field(default=1.0, metadata={"help": "Success means reward >= this."})
-    attribution: str = field(default="running_sum", metadata={"help": "Failure attribution method.", "choices": ATTRIBUTION_METHODS})
-    attribution_threshold: float | None = field(default=None, metadata={"help": "Threshold for attribution='threshold'."})
+    attribution: str = field(default=DEFAULT_ATTRIBUTION, metadata={"help": "Failure attribution rule: running_sum, step, change_point, or threshold / first_below (these two need attribution_threshold).", "choices": ATTRIBUTION_METHODS})
+    attribution_threshold: float | None = field(default=None, metadata={"help": "Threshold for attribution='threshold' or 'first_below', fitted on held-out data."})
     batch_size: int = field(default=8, metadata={"help": "Trajectories per forward pass.", "ge": 1, "le": INT_MAX})
     chunk_size: int | None = field(default=None, metadata={"help": "Vocabulary chunk of the fused kernel.", "ge": 1, "le": INT_MAX})
     backend: str = field(default="auto", metadata={"help": "Fused-kernel backend ('auto' is 'torch' everywhere today).", "choices": BACKENDS})
@@ -374,8 +377,8 @@ class ScoringConfig:
             self.token_agg = "mean" if self.compat == "authors" else "sum"
         if self.compat == "authors":
             self.rendering = "plain"
-        if self.attribution == "threshold" and self.attribution_threshold is None:
-            raise ConfigError("a number is needed when attribution is 'threshold'", source=cls.__name__,
+        if self.attribution in THRESHOLD_METHODS and self.attribution_threshold is None:
+            raise ConfigError(f"a number is needed when attribution is {self.attribution!r}", source=cls.__name__,
                               field="attribution_threshold")
 
     @property
@@ -481,6 +484,17 @@ class ProgressAdvantageConfig(ScoringConfig):
             When the best scorer is written: ``"end"`` keeps the best policy's trainable weights in CPU memory (only
             the adapter under PEFT) and writes ``scorer-best`` once, at train end; ``"every_best"`` writes it at every
             new best (survives a crash, costs a full copy of the weights per new best); ``"none"`` never.
+        reference_candidates (`list[str]`, *optional*, defaults to `[]`):
+            Other references to compare with the run's at every evaluation: ``"previous:k"`` (the policy as it was
+            ``k`` evaluations ago), ``"alpha:a"`` (the weight-space blend ``theta_ref + a * (theta - theta_ref)``,
+            ``a != 1``), ``"initial"`` (the run's reference, always compared). Each is logged under
+            ``progadv/reference/<name>/{val,test}/<metric>`` with names ``initial``, ``previous_<k>``, ``alpha_<a>``
+            (``-`` written ``neg``, ``.`` written ``p``: ``alpha:-0.5`` is ``alpha_neg0p5``); the one with the best
+            validation ``quality_metric`` is ``progadv/reference/chosen`` and is exported with the scorers. Full
+            (non-PEFT, unsharded) models only. ``[]`` computes nothing extra.
+        validation_fraction (`float`, *optional*, defaults to `0.5`):
+            With ``reference_candidates``: the share of held-out groups (whole groups, assigned by a hash of the
+            group id) on which the reference is chosen; the other groups report its quality.
     """
 
     heldout: Any = field(default=None, metadata={"help": "Fixed labelled held-out rollouts (path, dataset or list)."})
@@ -497,6 +511,20 @@ class ProgressAdvantageConfig(ScoringConfig):
     export: bool = field(default=True, metadata={"help": "Export the final and the best scorer."})
     export_dir: str | None = field(default=None, metadata={"help": "Where scorers and the snapshot reference go (default: <output_dir>/_progadv, not pushed to the Hub).", "nonempty": True, "path": True})
     best_export: str = field(default="end", metadata={"help": "When the best scorer is written.", "choices": BEST_EXPORTS})
+    reference_candidates: list[str] = field(default_factory=list, metadata={"help": "Other references compared at each evaluation: 'previous:k', 'alpha:a', 'initial'; the best on validation groups is exported."})
+    validation_fraction: float = field(default=0.5, metadata={"help": "Share of held-out groups the reference is chosen on (the rest report it).", "gt": 0})
+
+    def __post_init__(self):
+        super().__post_init__()
+        from .reference_candidates import parse_candidates
+
+        try:
+            parse_candidates(self.reference_candidates)
+        except ValueError as e:
+            raise ConfigError(str(e), source=type(self).__name__, field="reference_candidates") from None
+        if not self.validation_fraction < 1:
+            raise ConfigError(f"expected a number in (0, 1), got {self.validation_fraction!r}",
+                              source=type(self).__name__, field="validation_fraction")
 
     def scoring(self) -> ScoringConfig:
         """The scoring part: what an exported scorer holds."""

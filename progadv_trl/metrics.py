@@ -11,7 +11,8 @@ import numpy as np
 from scipy.stats import kendalltau, spearmanr
 from sklearn.metrics import roc_auc_score
 
-from progadv_trl.selection import ATTRIBUTION_METHODS, predict_mistake, select_best_of_n
+from progadv_trl.selection import (ATTRIBUTION_METHODS, THRESHOLD_METHODS, predict_mistake, rule_values,
+                                   select_best_of_n)
 
 NAN = math.nan
 DEFAULT_COLUMNS = (
@@ -119,14 +120,16 @@ def first_error_step(labels: Sequence[bool]) -> int:
 
 
 def _rule_values(step_values: Any, rule: str) -> np.ndarray:
-    """What a rule compares with the threshold, ``[S]``: the running sum ``q_s = sum_{j<=s} v_j`` (NaN steps add 0)
-    for ``running_sum`` and ``threshold``; ``v`` itself for ``step``, NaN as ``+inf`` (never below a threshold)."""
+    """What a rule compares with the threshold, ``[S]`` (:func:`~progadv_trl.selection.rule_values`): the running
+    sum ``q_s = sum_{j<=s} v_j`` (NaN steps add 0) for ``running_sum`` and ``threshold``; ``v`` itself for ``step``
+    and ``first_below``, NaN as ``+inf`` (never below a threshold); minus the drop starting at ``s`` for
+    ``change_point``."""
     if rule not in ATTRIBUTION_METHODS:
         raise ValueError(f"unknown attribution rule {rule!r}; valid: {', '.join(ATTRIBUTION_METHODS)}")
     v = _to_float_array(step_values)
     if v.size == 0:
         raise ValueError("cannot predict a first error in a trajectory with no steps")
-    return np.where(np.isnan(v), np.inf, v) if rule == "step" else np.cumsum(np.nan_to_num(v, nan=0.0))
+    return rule_values(v, rule)
 
 
 def predict_first_error(step_values: Any, threshold: float, rule: str = "step") -> int:
@@ -137,6 +140,8 @@ def predict_first_error(step_values: Any, threshold: float, rule: str = "step") 
     * ``running_sum``: ``argmin_s q_s`` when ``min q < threshold``, else no error.
     * ``step`` (the argmin rule of the baselines): ``argmin_s v_s`` when ``min v < threshold``, else no error
       (NaN steps are never picked).
+    * ``first_below``: the earliest ``s`` with ``v_s < threshold``, else no error.
+    * ``change_point``: the start of the running sum's largest drop ``d`` when ``-d < threshold``, else no error.
 
     Ties go to the first step. Raises ``ValueError`` for ``S == 0``.
     """
@@ -144,7 +149,7 @@ def predict_first_error(step_values: Any, threshold: float, rule: str = "step") 
     below = np.flatnonzero(r < threshold)
     if below.size == 0:
         return NO_ERROR
-    return int(below[0]) if rule == "threshold" else int(np.argmin(r))
+    return int(below[0]) if rule in THRESHOLD_METHODS else int(np.argmin(r))
 
 
 def processbench_metrics(predicted: Sequence[int], first_errors: Sequence[int]) -> dict[str, float]:
@@ -171,7 +176,7 @@ def _right_interval(r: np.ndarray, first_error: int, rule: str) -> tuple[float, 
         return -math.inf, float(r.min())  # right while nothing is below t
     if first_error >= r.size:
         return math.inf, -math.inf
-    if rule == "threshold":  # the earliest q_s < t is s = k: q_k < t <= min(q_0 .. q_{k-1})
+    if rule in THRESHOLD_METHODS:  # the earliest r_s < t is s = k: r_k < t <= min(r_0 .. r_{k-1})
         return float(r[first_error]), (float(r[:first_error].min()) if first_error else math.inf)
     return (float(r.min()), math.inf) if int(np.argmin(r)) == first_error else (math.inf, -math.inf)
 
@@ -312,10 +317,11 @@ def evaluate_methods(
 
     Args:
         methods: name -> ``{"scores": [n] trajectory scores, "step_values": [n] per-step value tensors (optional),
-            "threshold": float (optional, for attribution method "threshold"), "process_values": [n] per-step
-            values that ``first_errors`` index (optional; default ``step_values``), "process_threshold": float
-            (optional: the "no error" threshold of :func:`predict_first_error`; default the ``threshold`` under
-            the ``"threshold"`` rule, else fitted by 2-fold cross-fitting, see :func:`processbench_predictions`)}``.
+            "threshold": float (optional, for the threshold methods "threshold" and "first_below"),
+            "process_values": [n] per-step values that ``first_errors`` index (optional; default ``step_values``),
+            "process_threshold": float (optional: the "no error" threshold of :func:`predict_first_error`; default
+            the ``threshold`` under a threshold rule, else fitted by 2-fold cross-fitting, see
+            :func:`processbench_predictions`)}``.
         success: ``[n]`` bools, ``None`` entries are unlabelled and excluded from AUROC, Spearman and best-of-N.
         groups: ``[n]`` task ids for best-of-N (``None`` entries excluded); no best-of-N when ``None``.
         mistake_steps: ``[n]`` decisive error steps (0-based among the steps) or ``None`` (unlabelled).
@@ -352,7 +358,7 @@ def evaluate_methods(
         row.update(_attribution(step_values, mistake_steps, rule, m.get("threshold")))
         columns = DEFAULT_COLUMNS
         if first_errors is not None:
-            given = m.get("process_threshold", m.get("threshold") if rule == "threshold" else None)
+            given = m.get("process_threshold", m.get("threshold") if rule in THRESHOLD_METHODS else None)
             row.update(_processbench(m.get("process_values", step_values), first_errors, rule, given))
             columns += PROCESSBENCH_COLUMNS
         table[name] = {k: row[k] for k in columns}

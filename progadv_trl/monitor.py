@@ -37,6 +37,7 @@ from .hub import heldout_metrics
 from .metrics import kendall_tau
 from .models import CachedView, ModelView, strip_wrappers, unsharded_copy
 from .reference import Reference
+from .reference_candidates import ReferenceCandidates, candidate_metrics, choose, split_groups
 from .trajectory_scores import METHOD, evaluation_table
 from .scorer import ProgressAdvantageScorer
 from .sharding import check_supported, sharding_of
@@ -111,12 +112,14 @@ class ProgressAdvantageMonitor:
         self.last_results: list = []
         self._previous_scores: dict[str, float] = {}
         self._best: dict | None = None  # best_export="end": the best evaluation's trainable weights, on CPU
+        self.candidates = ReferenceCandidates(self.config.reference_candidates) \
+            if self.config.reference_candidates else None
 
     # ------------------------------------------------------------------ evaluation
     def _scorer(self, policy, reference_view, temperature: float, beta: float) -> ProgressAdvantageScorer:
         baselines = self.config.baselines or (list(BASELINES) if self.config.log_baselines else [])
         cfg = dataclasses.replace(self.config.scoring(), temperature=temperature, beta=beta, baselines=baselines)
-        return ProgressAdvantageScorer(policy if isinstance(policy, ModelView) else ModelView(policy),
+        return ProgressAdvantageScorer(policy if isinstance(policy, (ModelView, CachedView)) else ModelView(policy),
                                        reference_view, self.tokenizer, None, cfg)
 
     @torch.no_grad()
@@ -148,6 +151,9 @@ class ProgressAdvantageMonitor:
             if self.config.also_temperature_one and temperature != 1.0:
                 t1_results = self._scorer(policy, ref_view, 1.0, beta).score(shard)[:n_real]
             weight = self.reference.weight_drift(model)
+            candidates = None
+            if self.candidates is not None:
+                candidates = self._score_candidates(policy, shard, n_real, temperature, beta)
         finally:
             model.train(was_training)
             if self._cached is not None:
@@ -157,9 +163,47 @@ class ProgressAdvantageMonitor:
                     self._cached.release()
         results, drift, t1_results = self._unshard(_gather((results, drift, t1_results)))
         metrics = self._metrics(results, drift, t1_results, weight)
+        if candidates is not None:
+            metrics.update(self._candidate_metrics(results, candidates, policy, step))
         metrics["progadv/seconds"] = time.perf_counter() - t0
         self._record(step, metrics, results, temperature, beta, policy)
         return metrics
+
+    def _score_candidates(self, policy, shard, n_real: int, temperature: float, beta: float) -> dict[str, list]:
+        """This rank's results with every other candidate reference available now, built one at a time in one
+        reused model; the policy's hidden states are computed once for all of them."""
+        policy_view = policy if isinstance(policy, ModelView) else ModelView(policy)
+        self.candidates.check(policy_view.model, None)  # before a reference kept on disk is loaded
+        reference_view = self.reference.view()
+        self.candidates.check(policy_view.model, reference_view)
+        cached_policy = CachedView(lambda: policy_view)
+        out = {}
+        for candidate in self.candidates.candidates[1:]:
+            if not self.candidates.available(candidate):
+                continue
+            view = self.candidates.view(candidate, policy_view.model, reference_view.model)
+            out[candidate.name] = self._scorer(cached_policy, view, temperature, beta).score(shard)[:n_real]
+        return out
+
+    def _candidate_metrics(self, results, candidates: dict[str, list], policy, step: int) -> dict:
+        """Every candidate's metrics on the validation and test groups, the chosen one; then this evaluation's policy
+        is kept for the ``previous`` candidates."""
+        gathered = _gather(candidates)
+        by_name = {name: merge_in_order([g[name] for g in gathered]) for name in candidates}
+        by_name = {"initial": results, **by_name}
+        val, test = split_groups(results, self.config.validation_fraction)
+        out: dict = {}
+        for name, res in by_name.items():
+            out.update(candidate_metrics(name, res, val, test, self.config))
+        chosen = choose([c for c in self.candidates.candidates if c.name in by_name], out, self.config.quality_metric)
+        cands = self.candidates
+        cands.chosen = chosen
+        cands.chosen_previous = cands.previous(chosen) if chosen.kind == "previous" else None
+        out["progadv/reference/chosen"] = chosen.name
+        out["progadv/reference/chosen_index"] = cands.candidates.index(chosen)
+        out["progadv/reference/n_val"], out["progadv/reference/n_test"] = len(val), len(test)
+        cands.remember(policy.model if isinstance(policy, ModelView) else policy, step)
+        return out
 
     @staticmethod
     def _unshard(gathered):
@@ -203,10 +247,10 @@ class ProgressAdvantageMonitor:
 
     def _record(self, step: int, metrics: dict, results, temperature: float, beta: float, policy) -> None:
         entry = {"step": int(step), "temperature": temperature, "beta": beta,
-                 **{k: _finite(v) for k, v in metrics.items()}}
+                 **{k: v if isinstance(v, str) else _finite(v) for k, v in metrics.items()}}
         self.history.append(entry)
         self.last_results = results
-        quality = metrics.get(f"progadv/{self.config.quality_metric}")
+        quality = metrics.get(_quality_key(self.config, metrics))
         if len({r.score for r in results}) <= 1:  # all scores tied (policy == reference): no signal to rank yet
             quality = float("nan")
         is_best, warning = self.detector.update(step, quality)
@@ -224,6 +268,8 @@ class ProgressAdvantageMonitor:
             elif self.config.best_export == "end":
                 self._best = {"step": step, "temperature": temperature, "beta": beta,
                               "weights": _trainable_copy(policy)}
+                if self.candidates is not None:  # the chosen reference of that evaluation (an earlier policy: kept)
+                    self._best["candidate"] = (self.candidates.chosen, self.candidates.chosen_previous)
 
     @property
     def is_main_process(self) -> bool:
@@ -236,9 +282,11 @@ class ProgressAdvantageMonitor:
 
     # ------------------------------------------------------------------ export and state
     def export(self, policy, path: str | Path | None = None, *, step: int | None = None,
-               temperature: float | None = None, beta: float | None = None) -> Path | None:
+               temperature: float | None = None, beta: float | None = None, _candidate=None) -> Path | None:
         """Save a scorer (policy + reference + config) that reproduces this monitor's scores; rank 0 writes. Under
-        FSDP2 / ZeRO-3 every rank must call it: the weights are gathered to rank 0 first."""
+        FSDP2 / ZeRO-3 every rank must call it: the weights are gathered to rank 0 first. With
+        ``reference_candidates`` the reference is the last chosen candidate (built from the given policy), recorded in
+        the provenance (``reference_candidate``, ``reference_alpha`` / ``reference_step``, ``reference_choice``)."""
         policy_view = policy if isinstance(policy, ModelView) else ModelView(policy)
         sharded = self._sharded(policy_view)
         if not self.is_main_process and not sharded:
@@ -254,8 +302,16 @@ class ProgressAdvantageMonitor:
             path = self.export_dir / SCORER_DIR
         temperature = self.config.temperature if temperature is None else temperature
         beta = self.config.beta if beta is None else beta
+        provenance = {"step": step, "reference": self.reference.describe()}
+        if self.candidates is not None:
+            candidate, previous = _candidate or (self.candidates.chosen, self.candidates.chosen_previous)
+            self.candidates.check(policy_view.model, ref_view)
+            ref_view = self.candidates.view(candidate, policy_view.model, ref_view.model,
+                                            weights=None if previous is None else previous[1])
+            provenance.update(self.candidates.provenance(candidate, None if previous is None else previous[0]))
+            provenance["reference_choice"] = _choice(self.history, step, candidate.name, self.config)
         scorer = self._scorer(policy_view, ref_view, temperature, beta)
-        scorer.provenance = {"step": step, "reference": self.reference.describe()}
+        scorer.provenance = provenance
         metrics = heldout_metrics(self.history, step, temperature, beta)  # shown in the exported model card
         if metrics is not None:
             scorer.provenance["heldout_metrics"] = metrics
@@ -279,7 +335,8 @@ class ProgressAdvantageMonitor:
         current = _trainable_copy(policy)
         _load_trainable(policy, best["weights"])
         try:
-            return self.export(policy, path, step=best["step"], temperature=best["temperature"], beta=best["beta"])
+            return self.export(policy, path, step=best["step"], temperature=best["temperature"], beta=best["beta"],
+                               _candidate=best.get("candidate"))
         finally:
             _load_trainable(policy, current)
 
@@ -293,12 +350,34 @@ class ProgressAdvantageMonitor:
         det = state.get("detector", {})
         self.detector = DecayDetector(self.config.decay_margin)
         for h in self.history:  # recompute the best from the kept history
-            self.detector.update(h["step"], h.get(f"progadv/{self.config.quality_metric}") or float("nan"))
+            self.detector.update(h["step"], h.get(_quality_key(self.config, h)) or float("nan"))
         self._previous_scores = state.get("previous_scores", {}) if det is not None else {}
+        if self.candidates is not None and self.history:  # the last choice, unless it was an earlier policy (not kept)
+            last = self.history[-1].get("progadv/reference/chosen")
+            self.candidates.chosen = next((c for c in self.candidates.candidates
+                                           if c.name == last and c.kind != "previous"), self.candidates.candidates[0])
         if self.output_dir is not None and self.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             with open(self.output_dir / HISTORY_FILE, "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(h) + "\n" for h in self.history)
+
+
+def _quality_key(config: ProgressAdvantageConfig, metrics: dict) -> str:
+    """The metric that ranks evaluations: the quality metric, or with reference candidates the chosen candidate's
+    validation value of it (the pair that would be exported)."""
+    chosen = metrics.get("progadv/reference/chosen")
+    if config.reference_candidates and isinstance(chosen, str):
+        return f"progadv/reference/{chosen}/val/{config.quality_metric}"
+    return f"progadv/{config.quality_metric}"
+
+
+def _choice(history: list[dict], step: int | None, name: str, config: ProgressAdvantageConfig) -> dict:
+    """How the exported candidate was chosen: the quality metric on the validation and test groups at ``step``."""
+    entry = next((h for h in reversed(history) if h["step"] == step), {})
+    prefix = f"progadv/reference/{name}"
+    return {"quality_metric": config.quality_metric, "val": entry.get(f"{prefix}/val/{config.quality_metric}"),
+            "test": entry.get(f"{prefix}/test/{config.quality_metric}"),
+            "candidates": list(config.reference_candidates)}
 
 
 def export_root(config: ProgressAdvantageConfig, output_dir: str | Path) -> Path:

@@ -54,6 +54,7 @@ from .hub import CARD_NAME, fetch_reference, is_commit, is_generated_card, is_re
     model_origin
 from .models import ModelView, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer, name_or_path, \
     strip_wrappers, unwrap
+from .reference_blend import BLEND_ATTR
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,11 @@ def _write(scorer, tmp: Path, reference_mode: str, target: Path, token=None) -> 
     else:
         base = unwrap(ref_view.model)
         ref_meta = {"kind": "full"}
+    blend = getattr(base, BLEND_ATTR, None)
+    if blend is not None and reference_mode != "copy":
+        raise ValueError(f"reference={reference_mode!r}: the reference is a weight-space blend of the reference and "
+                         f"the policy built in memory (reference_alpha={blend.get('reference_alpha')}); no folder or "
+                         "Hub commit holds its weights. Use reference='copy' (the blend is then stored)")
     if reference_mode == "link":
         src = name_or_path(base)
         if not src or not Path(src).is_dir():

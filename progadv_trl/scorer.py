@@ -21,6 +21,7 @@ from .config import ScoringConfig, as_scoring
 from .data import Trajectory
 from .models import ModelView, is_adapter_dir, is_peft_model, load_causal_lm, load_tokenizer, name_or_path, unwrap
 from .persistence import check_override_names, load_scorer, save_scorer
+from .reference_blend import BLEND_ATTR, blend_into_, check_alpha, model_like
 from .rendering import TrajectoryTokenizer, same_tokenization
 from .trajectory_scores import TrajectoryScore, attribute, choose_best_of_n, evaluation_table, score_trajectory
 from .token_statistics import compute_token_stats
@@ -80,7 +81,7 @@ class ProgressAdvantageScorer:
                     dtype: torch.dtype | None = None, trust_remote_code: bool = False,
                     device_map: str | dict | None = None, attn_implementation: str | None = None,
                     revision: str | None = None, reference_revision: str | None = None, quantization_config=None,
-                    **config_overrides) -> "ProgressAdvantageScorer":
+                    reference_alpha: float | None = None, **config_overrides) -> "ProgressAdvantageScorer":
         """A scorer from two models (paths or loaded models).
 
         Args:
@@ -97,6 +98,11 @@ class ProgressAdvantageScorer:
                 (see :func:`~progadv_trl.models.load_causal_lm`); ``quantization_config`` is a ``BitsAndBytesConfig``
                 or its dict (``{"load_in_4bit": True}`` with an adapter policy: QLoRA, a 4-bit base and its adapter).
             revision, reference_revision: the hub revision of the policy / the reference (refused for a local folder).
+            reference_alpha: score against the weight-space blend ``theta_ref + a * (theta - theta_ref)`` of the
+                reference and the policy instead of the reference (same architecture; ``0 < a < 1`` interpolates,
+                ``a < 0`` extrapolates away from the policy, ``a = 1`` is refused). A reference loaded from a path is
+                blended in place; a loaded reference model is copied once. Recorded in :attr:`provenance`; saving
+                such a scorer stores the blend (``reference="copy"``).
         """
         load = {"dtype": dtype, "device": device, "trust_remote_code": trust_remote_code, "device_map": device_map,
                 "attn_implementation": attn_implementation, "quantization_config": quantization_config}
@@ -106,6 +112,11 @@ class ProgressAdvantageScorer:
         provenance["policy"] = str(policy) if not isinstance(policy, torch.nn.Module) else name_or_path(policy_model)
         if revision is not None:
             provenance["policy_revision"] = revision
+        if reference_alpha is not None:
+            check_alpha(reference_alpha)
+            if reference is None:
+                raise ValueError("reference_alpha blends the reference with the policy: it needs a reference (not "
+                                 "the base of a PEFT adapter policy)")
         if reference is None:
             if not is_peft_model(policy_model):
                 raise ValueError("reference is required unless the policy is a PEFT adapter (whose base is the "
@@ -119,6 +130,10 @@ class ProgressAdvantageScorer:
                                        else name_or_path(ref_model))
             if reference_revision is not None:
                 provenance["reference_revision"] = reference_revision
+            if reference_alpha is not None:
+                reference_view = _blended_reference(policy_model, ref_model, reference_alpha,
+                                                    in_place=not isinstance(reference, torch.nn.Module))
+                provenance["reference_alpha"] = float(reference_alpha)
         if tokenizer is None:
             tokenizer = _tokenizer_for(policy, policy_model, trust_remote_code)
         if reference_tokenizer is None and reference is not None:
@@ -257,6 +272,22 @@ class ProgressAdvantageScorer:
         scorer = cls(**parts)
         scorer.digest = digest
         return scorer
+
+
+def _blended_reference(policy_model, ref_model, alpha: float, in_place: bool) -> ModelView:
+    """The reference ``theta_ref + alpha * (theta - theta_ref)`` as a view: ``ref_model`` itself blended in place
+    (``in_place``), else a copy of it (one model copy, never a third full state dict)."""
+    for name, model in (("policy", policy_model), ("reference", ref_model)):
+        if is_peft_model(model):
+            raise ValueError(f"reference_alpha: the {name} is a PEFT adapter; blending needs two full models of the "
+                             f"same architecture (merge the adapter first: merge_and_unload())")
+        if getattr(unwrap(model), "is_quantized", False):
+            raise ValueError(f"reference_alpha: the {name} is quantized; blending needs full-precision weights")
+    ref = unwrap(ref_model)
+    target = ref if in_place else model_like(ref)
+    blend_into_(target, ref, unwrap(policy_model), alpha)
+    setattr(target, BLEND_ATTR, {"reference_alpha": float(alpha)})
+    return ModelView(target)
 
 
 def _pad_id(tokenizer) -> int:

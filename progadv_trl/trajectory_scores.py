@@ -24,7 +24,7 @@ from .data import Trajectory
 from .metrics import evaluate_methods, first_error_step
 from .rendering import TokenizedTrajectory
 from .token_statistics import TokenStats
-from .selection import predict_mistake, select_best_of_n
+from .selection import DEFAULT_ATTRIBUTION, predict_mistake, select_best_of_n
 
 METHOD = "progress_advantage"
 
@@ -94,7 +94,7 @@ class TrajectoryScore:
                            f"{', '.join(self.scores)}); ask for it in the config's baselines")
         return self.scores[method]
 
-    def predicted_mistake(self, method: str = "running_sum", threshold: float | None = None,
+    def predicted_mistake(self, method: str = DEFAULT_ATTRIBUTION, threshold: float | None = None,
                           using: str = METHOD) -> int:
         """Message index of the predicted decisive error (``using`` a baseline: argmin of its step values)."""
         self.score_of(using)
@@ -213,14 +213,14 @@ def choose_best_of_n(results: Sequence[TrajectoryScore], using: str = METHOD) ->
     return {g: results[i] for g, i in select_best_of_n(scores, groups).items()}
 
 
-def attribute(results: Sequence[TrajectoryScore], method: str = "running_sum",
+def attribute(results: Sequence[TrajectoryScore], method: str = DEFAULT_ATTRIBUTION,
               threshold: float | None = None) -> list[int]:
     """Predicted decisive-error message index per trajectory."""
     return [r.predicted_mistake(method, threshold) for r in results]
 
 
 def evaluation_table(results: Sequence[TrajectoryScore], methods: Sequence[str] | None = None, *,
-                     attribution: str = "running_sum", threshold: float | None = None) -> dict[str, dict[str, float]]:
+                     attribution: str = DEFAULT_ATTRIBUTION, threshold: float | None = None) -> dict[str, dict[str, float]]:
     """Metrics (AUROC, Spearman, best-of-N, attribution) for progress advantage and each baseline in ``methods``
     (default: every method the results were scored with)."""
     computed = list(results[0].scores) if results else [METHOD]

@@ -57,7 +57,7 @@ def test_predict_mistake_errors():
         predict_mistake([1.0], "median")
     with pytest.raises(ValueError, match="no steps"):
         predict_mistake(torch.zeros(0))
-    assert ATTRIBUTION_METHODS == ("running_sum", "step", "threshold")
+    assert ATTRIBUTION_METHODS == ("running_sum", "step", "threshold", "change_point", "first_below")
 
 
 def test_fit_attribution_threshold_accuracy():

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .number_line import NumberLineEnv, Task
-
 _PROBE = "\x00probe\x00"
 
 
 class ChatCodec:
-    """Token ids for the pieces of :class:`~progadv_trl.envs.number_line.NumberLineEnv` episodes."""
+    """Token ids for the pieces of a built-in task's episodes (:mod:`~progadv_trl.envs.tasks`)."""
 
-    def __init__(self, tokenizer, env: NumberLineEnv):
+    def __init__(self, tokenizer, env):
         self.tokenizer, self.env = tokenizer, env
         self.eos_id = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
         self.reply_ids = [self.encode(r + tokenizer.eos_token) for r in env.replies]
@@ -38,7 +36,7 @@ class ChatCodec:
     def _render(self, messages, generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
-    def _prompt_ids(self, task: Task) -> tuple[int, ...]:
+    def _prompt_ids(self, task) -> tuple[int, ...]:
         return tuple(self.encode(self._render(self.env.prompt(task), True)))
 
     def _observation_ids(self, text: str, final: bool) -> tuple[int, ...]:
@@ -56,10 +54,11 @@ class ChatCodec:
         """
         return self._reply_by_ids.get(tuple(ids))
 
-    def history_ids(self, task: Task, history) -> list[int]:
-        """Ids before the next reply; ``history`` is ``((reply_index, next_state), ...)`` of a non-final prefix."""
+    def history_ids(self, task, history) -> list[int]:
+        """Ids before the next reply; ``history`` is ``((reply_index, observation), ...)`` of a non-final prefix
+        (an observation is ``env.observe(next_state)``: the number line's whole state, the repair task's reading)."""
         ids = list(self.prompt_ids(task))
-        for reply, state in history:
+        for reply, obs in history:
             ids += self.reply_ids[reply]
-            ids += self.observation_ids(self.env.observation(task, state), False)
+            ids += self.observation_ids(self.env.observation(task, obs), False)
         return ids

@@ -21,6 +21,7 @@ determines them, so a rerun with the same settings skips phases 1-2; everything 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -223,19 +224,27 @@ def evaluate_policy(scorer, env, solver, cfg: DemoConfig):
 
 
 def evaluate_run(run: RunConfig, run_dir: Path, ref_dir: Path, env, labels: ExactLabels, cfg: DemoConfig,
-                 reference_episodes) -> dict:
-    """Every checkpoint of a run on its own episodes; the last one through the exported scorer, which also scores
-    ``reference_episodes`` (fresh episodes of the reference, labelled at ``run.exact_beta``): a policy near the KL
-    optimum rarely makes a decisive mistake, so its own failures are mostly slips (luck), while the reference's
-    episodes hold many mistakes.
+                 reference_episodes, extra_rows=None) -> dict:
+    """Every checkpoint of a run on its own episodes; the last one through the exported scorer. Every checkpoint
+    also scores ``reference_episodes`` (fresh episodes of the reference, labelled at ``run.exact_beta``): a policy
+    near the KL optimum rarely makes a decisive mistake, so its own failures are mostly slips (luck), while the
+    reference's episodes hold many mistakes. Those are split by group (:func:`~.attribution_study.split_groups`)
+    into a validation half, where choices are made (attribution rules and thresholds, settings, references), and a
+    test half, which the tables report. ``extra_rows(episodes, results)``: adds methods to scored results (the
+    trained reward models).
 
-    Returns ``{"checkpoints": [{"step", **evaluation}], "final": evaluation, "final_on_reference": evaluation,
+    Returns ``{"checkpoints": [{"step", **evaluation, "on_reference", "on_reference_validation"}], "final":
+    evaluation, "final_on_reference": evaluation (test half), "final_on_reference_validation", "attribution_rules",
     "episodes", "results"}`` (the final policy's episodes and scores, for the plots).
     """
     from ..scorer import ProgressAdvantageScorer
+    from .attribution_study import split_groups
     from .evaluation import bootstrap, evaluate_episodes, intervals
 
     solver = labels.solver(run.exact_beta)
+    val, test = split_groups(reference_episodes, seed=cfg.seed)
+    ref_val, ref_test = [reference_episodes[i] for i in val], [reference_episodes[i] for i in test]
+    add_rows = extra_rows or (lambda episodes, results: results)
     out: dict = {"checkpoints": []}
     for step in run.checkpoints:
         if step == run.steps:
@@ -244,17 +253,97 @@ def evaluate_run(run: RunConfig, run_dir: Path, ref_dir: Path, env, labels: Exac
             scorer = ProgressAdvantageScorer.from_models(
                 run_dir / "checkpoints" / f"step-{step}", ref_dir, beta=run.score_beta, temperature=cfg.temperature,
                 token_agg="sum", baselines=["all"])
-        episodes, results, evaluation = evaluate_policy(scorer, env, solver, cfg)
-        out["checkpoints"].append({"step": step, **evaluation})
-    out.update(final=evaluation, episodes=episodes, results=results)
-    reference_results = scorer.score(reference_episodes)
-    out["final_on_reference"] = evaluate_episodes(reference_episodes, reference_results)
+        episodes, results, _ = evaluate_policy(scorer, env, solver, cfg)
+        results = add_rows(episodes, results)
+        reference_results = add_rows(reference_episodes, scorer.score(reference_episodes))
+        out["checkpoints"].append({
+            "step": step, **evaluate_episodes(episodes, results),
+            "on_reference": evaluate_episodes(ref_test, [reference_results[i] for i in test]),
+            "on_reference_validation": evaluate_episodes(ref_val, [reference_results[i] for i in val])})
+    final = out["checkpoints"][-1]
+    test_results = [reference_results[i] for i in test]
+    out.update(final={k: v for k, v in final.items() if not k.startswith("on_reference") and k != "step"},
+               final_on_reference=final["on_reference"], final_on_reference_validation=final["on_reference_validation"],
+               episodes=episodes, results=results,
+               attribution_rules=attribution_rules(reference_episodes, reference_results, cfg.seed),
+               reference_candidates=reference_candidates(run, run_dir, ref_dir, cfg, reference_episodes,
+                                                         reference_results, (val, test)))
     if cfg.bootstrap:  # 95% intervals over resampled groups for the final tables ("better than": paired draws)
         out["draws"] = bootstrap(episodes, results, n=cfg.bootstrap, seed=cfg.seed)
-        out["draws_on_reference"] = bootstrap(reference_episodes, reference_results, n=cfg.bootstrap, seed=cfg.seed)
+        out["draws_on_reference"] = bootstrap(ref_test, test_results, n=cfg.bootstrap, seed=cfg.seed)
         out["final"]["intervals"] = intervals(out["draws"])
         out["final_on_reference"]["intervals"] = intervals(out["draws_on_reference"])
     return out
+
+
+def train_reward_models(ref_dir: Path, cfg: DemoConfig, episodes) -> dict:
+    """``{"orm@<n>": model, "prm@<n>": model}`` for each size ``n`` of ``cfg.reward_models``, trained from the
+    reference on the first ``n`` of ``episodes`` (labelled reference episodes, disjoint from every evaluated set)."""
+    from .reward_models import RewardModelConfig, train_orm, train_prm
+
+    config = RewardModelConfig(max_steps=cfg.reward_model_steps, seed=cfg.seed)
+    models = {}
+    for n in cfg.reward_models:
+        models[f"orm@{n}"] = train_orm(ref_dir, episodes[:n], config)
+        models[f"prm@{n}"] = train_prm(ref_dir, episodes[:n], config)
+    return models
+
+
+def reference_candidates(run: RunConfig, run_dir: Path, ref_dir: Path, cfg: DemoConfig, episodes, initial_results,
+                         halves) -> dict:
+    """The final policy scored against each of ``cfg.reference_candidates`` and the initial reference on
+    ``episodes``: per candidate the progress-advantage row on the validation and the test half; ``chosen``: the best
+    validation AUROC (ties: the initial reference first)."""
+    from ..scorer import ProgressAdvantageScorer
+    from ..trajectory_scores import METHOD
+    from .evaluation import evaluate_episodes
+
+    val, test = halves
+    policy = run_dir / "checkpoints" / f"step-{run.steps}"
+
+    def rows(results) -> dict:
+        return {half: evaluate_episodes([episodes[i] for i in idx], [results[i] for i in idx])["table"][METHOD]
+                for half, idx in (("validation", val), ("test", test))}
+
+    out = {"initial": rows(initial_results)}
+    for name in cfg.reference_candidates:
+        kind, _, value = name.partition(":")
+        if kind == "alpha":
+            kwargs = {"reference": ref_dir, "reference_alpha": float(value)}
+        elif kind == "previous":
+            step = run.steps - int(value) * run.eval_steps
+            if step <= 0:
+                continue
+            kwargs = {"reference": run_dir / "checkpoints" / f"step-{step}"}
+        else:
+            raise ValueError(f"reference_candidates: unknown candidate {name!r} (alpha:<a> or previous:<k>)")
+        scorer = ProgressAdvantageScorer.from_models(policy, beta=run.score_beta, temperature=cfg.temperature,
+                                                     token_agg="sum", **kwargs)
+        out[name] = rows(scorer.score(episodes))
+    def validation_auroc(name):
+        a = out[name]["validation"]["auroc"]
+        return a if isinstance(a, float) and math.isfinite(a) else -math.inf
+
+    chosen = max(out, key=lambda n: (validation_auroc(n), n == "initial"))
+    return {"candidates": out, "chosen": chosen}
+
+
+def attribution_rules(episodes, results, seed: int) -> dict:
+    """Every attribution rule for every method on a validation / test split of ``episodes`` (by group): thresholds
+    fitted and the rule for progress advantage chosen on validation, accuracies reported on test, with the chosen
+    rule's calibration (:mod:`~progadv_trl.envs.attribution_study`)."""
+    from .attribution_study import calibration, choose_rule, compare_rules, split_groups
+
+    val, test = split_groups(episodes, seed=seed)
+    on_val = compare_rules(episodes, results, evaluate_idx=val, fit_idx=val)
+    on_test = compare_rules(episodes, results, evaluate_idx=test, fit_idx=val)
+    rule = choose_rule(on_val)
+    threshold = on_val["progress_advantage"][rule].get("threshold")
+    cal = calibration(episodes, results, rule=rule, threshold=threshold, indices=val)
+    return {"validation": on_val, "test": on_test, "chosen": rule, "threshold": threshold,
+            "calibration_validation": cal,
+            "calibration_test": calibration(episodes, results, rule=rule, threshold=threshold, indices=test,
+                                            edges=cal["edges"])}
 
 
 # ---------------------------------------------------------------------------------------------- the demo
@@ -278,9 +367,9 @@ def run_demo(output_dir: str | os.PathLike = "progadv-demo", *, config_path: str
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .number_line import NumberLineEnv
     from .report import require_matplotlib, write_report
     from .sampling import sample_episodes
+    from .tasks import make_env
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -288,11 +377,11 @@ def run_demo(output_dir: str | os.PathLike = "progadv-demo", *, config_path: str
     warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.*", category=FutureWarning)
     require_matplotlib()  # before any training, not after it
     cfg = config or load_config(config_path, quick)
-    out, n_phases = Path(output_dir), 2 + 2 * len(cfg.runs) + 1
+    out, n_phases = Path(output_dir), 2 + 2 * len(cfg.runs) + 1 + bool(cfg.reward_models)
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    env, clock = NumberLineEnv(**cfg.env), PhaseClock(n_phases)
+    env, clock = make_env(cfg.task, cfg.env), PhaseClock(n_phases)
 
     ref_dir = prepare_reference(cache, env, cfg)
     clock.done("reference", f"reference: tiny Qwen2 fine-tuned on noisy demonstrations -> {ref_dir}")
@@ -326,9 +415,22 @@ def run_demo(output_dir: str | os.PathLike = "progadv-demo", *, config_path: str
         clock.done(f"train_{run.name}", f"GRPO {run.name} (beta={run.beta}, loss={run.loss_type}): {run.steps} "
                                         f"steps{' (reused: trained earlier with these settings)' if reused else ''}"
                                         f", callback history {out / run.name / 'progadv-history.jsonl'}")
+    reward_models = train_reward_models(ref_dir, cfg, reference_episodes(
+        max(cfg.reward_models), cfg.seed + 40_000, cfg.runs[0].exact_beta)) if cfg.reward_models else {}
+    if reward_models:
+        clock.done("reward_models", f"trained reward models: {', '.join(reward_models)}")
+
+    def extra_rows(episodes, results):
+        from .reward_models import add_reward_model_rows
+
+        add_reward_model_rows(episodes, results, reward_models)
+        return results
+
     for run in cfg.runs:
-        on_reference = reference_episodes(cfg.eval_episodes, cfg.seed + 30_000, run.exact_beta)
-        runs[run.name].update(evaluate_run(run, out / run.name, ref_dir, env, labels, cfg, on_reference))
+        on_reference = reference_episodes(cfg.reference_episodes, cfg.seed + 30_000, run.exact_beta)
+        runs[run.name].update(evaluate_run(run, out / run.name, ref_dir, env, labels, cfg, on_reference,
+                                           extra_rows if reward_models else None))
+        runs[run.name]["reward_models"] = {name: m.info for name, m in reward_models.items()}
         final = runs[run.name]["final"]
         clock.done(f"evaluate_{run.name}", f"{run.name}: {len(run.checkpoints)} checkpoints x "
                                            f"{cfg.eval_episodes} fresh episodes; final success "

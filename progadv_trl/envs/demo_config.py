@@ -59,26 +59,43 @@ class RunConfig:
 class DemoConfig:
     """Everything the demo does, with the default (10-minute) settings.
 
-    ``env``: :class:`~progadv_trl.envs.number_line.NumberLineEnv` arguments. ``reference``:
+    ``task``: the built-in task (:mod:`~progadv_trl.envs.tasks`: ``number_line`` or ``repair``).
+    ``env``: that task's environment arguments (:class:`~progadv_trl.envs.number_line.NumberLineEnv`,
+    :class:`~progadv_trl.envs.repair.RepairEnv`). ``reference``:
     :func:`~progadv_trl.envs.pretrain.train_reference` arguments. ``callback_episodes``: the callback's fixed
     held-out set, sampled from the reference before training (seed ``seed + 10000``). ``eval_episodes``: episodes
     sampled from each evaluated policy (seed ``seed + 20000``, the same for every policy), in groups of
-    ``group_size`` per task. ``plot_episodes``: episodes drawn in the advantage plot. ``bootstrap``: resamples of
-    the 95% intervals of the final tables (0: none).
+    ``group_size`` per task. ``reference_episodes``: episodes sampled from the reference (seed ``seed + 30000``),
+    scored by every evaluated policy: their failures hold the decisive mistakes; they are split by group into a
+    validation half (where attribution rules are chosen and thresholds fitted) and a test half.
+    ``reference_candidates``: references the final policy is also scored against (``alpha:a``: the weights
+    ``theta_ref + a (theta - theta_ref)``; ``previous:k``: the policy ``k`` evaluations before the end), compared
+    with the initial reference on the reference's episodes, chosen on the validation half by AUROC.
+    ``reward_models``: training-set sizes (episodes of the reference, seed ``seed + 40000``, labelled) of the
+    trained reward-model baselines, an ORM and a PRM per size (:mod:`~progadv_trl.envs.reward_models`), each
+    trained for ``reward_model_steps`` optimizer steps; ``[]``: none.
+    ``plot_episodes``: episodes drawn in the advantage plot. ``bootstrap``: resamples of the 95% intervals of the
+    final tables (0: none).
     """
 
     seed: int = 0
     temperature: float = 1.0
+    task: str = "number_line"
     env: dict = field(default_factory=lambda: {"size": 5, "max_turns": 4, "slip": 0.2, "max_distance": 3})
     reference: dict = field(default_factory=lambda: {"steps": 900, "n_demos": 3000})
     callback_episodes: int = 128
     eval_episodes: int = 256
+    reference_episodes: int = 512
     group_size: int = 8
     runs: list[RunConfig] = field(default_factory=lambda: [
         RunConfig("grpo-beta0.04", beta=0.04, loss_type="grpo", steps=300, eval_steps=25,
                   checkpoints=[25, 50, 100, 200]),
         RunConfig("dapo-beta0", beta=0.0, loss_type="dapo", steps=100, eval_steps=25, checkpoints=[50],
                   exact_beta=0.04)])
+    reference_candidates: list[str] = field(default_factory=lambda: ["alpha:-1", "alpha:-0.5", "alpha:0.5",
+                                                                      "previous:1"])
+    reward_models: list[int] = field(default_factory=lambda: [64, 256, 1024])
+    reward_model_steps: int = 300
     plot_episodes: int = 4
     bootstrap: int = 200
 
@@ -92,6 +109,8 @@ class DemoConfig:
         """The ``--quick`` settings: a smoke test of every phase in about 2 minutes (the numbers mean little)."""
         return cls(env={"size": 4, "max_turns": 3, "slip": 0.2, "max_distance": 2},
                    reference={"steps": 150, "n_demos": 600}, callback_episodes=32, eval_episodes=64,
+                   reference_episodes=64, reference_candidates=["alpha:-1", "previous:1"], reward_models=[32],
+                   reward_model_steps=10,
                    runs=[RunConfig("grpo-beta0.04", beta=0.04, steps=12, eval_steps=6, checkpoints=[6],
                                    prompts_per_step=4),
                          RunConfig("dapo-beta0", beta=0.0, loss_type="dapo", steps=6, eval_steps=6,

@@ -16,7 +16,8 @@ resampled with replacement and the whole table recomputed; "better than" claims 
 difference over the same resamples.
 
 Columns: per-step Spearman with ``A*`` (all steps, and "live" steps where success was still possible and the reply
-valid) and with the unregularised advantage; AUROC of the trajectory score for success; best-of-N, pass@1
+valid) and with the unregularised advantage; the least-squares slope of the step values on ``A*`` over live steps
+(1: same scale; below 1: compressed); AUROC of the trajectory score for success; best-of-N, pass@1
 (``mean_success``) and pass@N (``oracle``); failure attribution accuracy and MAE on failed episodes with a labelled
 mistake.
 """
@@ -30,6 +31,7 @@ import numpy as np
 
 from ..data import Trajectory
 from ..metrics import evaluate_methods, spearman
+from ..selection import DEFAULT_ATTRIBUTION
 from ..trajectory_scores import METHOD, TrajectoryScore, evaluation_table
 
 EXACT = "exact_advantage"
@@ -66,7 +68,19 @@ def spearman_columns(steps: dict[str, np.ndarray], methods: Sequence[str]) -> di
     live = steps["live"]
     return {m: {"spearman_exact": spearman(steps[m], steps["exact"]),
                 "spearman_exact_live": spearman(steps[m][live], steps["exact"][live]),
-                "spearman_unregularised": spearman(steps[m], steps["success_gap"])} for m in methods}
+                "spearman_unregularised": spearman(steps[m], steps["success_gap"]),
+                "slope_exact_live": slope(steps["exact"][live], steps[m][live])} for m in methods}
+
+
+def slope(x: np.ndarray, y: np.ndarray) -> float:
+    """Least-squares slope of ``y`` on ``x`` (NaN pairs dropped; NaN when ``x`` is constant): 1 for values on the
+    scale of A*, below 1 when they are compressed."""
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if x.size < 2 or np.all(x == x[0]):
+        return float("nan")
+    xc = x - x.mean()
+    return float(xc @ (y - y.mean()) / (xc @ xc))
 
 
 def ceiling_rows(trajectories: Sequence[Trajectory]) -> dict[str, dict[str, float]]:
@@ -79,7 +93,7 @@ def ceiling_rows(trajectories: Sequence[Trajectory]) -> dict[str, dict[str, floa
         values = [np.asarray(t.metadata[key], dtype=float) for t in trajectories]
         methods[name] = {"scores": [float(v.mean()) if v.size else 0.0 for v in values], "step_values": values}
     return evaluate_methods(methods, success=success, groups=groups, mistake_steps=mistakes,
-                            attribution={EXACT: "running_sum", ORACLE: "step"})
+                            attribution={EXACT: DEFAULT_ATTRIBUTION, ORACLE: "step"})
 
 
 def evaluate_episodes(trajectories: Sequence[Trajectory], results: Sequence[TrajectoryScore]) -> dict:

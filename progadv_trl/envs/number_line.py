@@ -90,7 +90,28 @@ class NumberLineEnv:
     def initial_state(self, task: Task) -> State:
         return State(task.start, self.max_turns)
 
+    # the interface the exact DP, the codec and the sampler use (shared with the partially observed tasks)
+    actions = ACTIONS
+
+    def initial_states(self, task: Task) -> list[tuple[float, State]]:
+        """``[(probability, state)]`` at the start: here one, fully determined by the task."""
+        return [(1.0, self.initial_state(task))]
+
+    def reset(self, task: Task, rng) -> State:
+        """The start state of an episode (nothing to draw: ``rng`` is not used)."""
+        return self.initial_state(task)
+
+    @staticmethod
+    def observe(state: State) -> State:
+        """What the policy sees after a step, as a history element: the whole state (the task is fully observed)."""
+        return state
+
+    def episode_metadata(self, task: Task, states: list[State]) -> dict:
+        """JSON-ready facts of an episode for ``Trajectory.metadata``: the task and the positions after each turn."""
+        return {"task": {"start": task.start, "goal": task.goal}, "positions": [s.pos for s in states]}
+
     def observation(self, task: Task, state: State) -> str:
+        """The text of an observation (:meth:`observe` of a state: here the state itself)."""
         if state.invalid:
             return "Invalid reply. Episode over."
         if state.success:

@@ -15,7 +15,6 @@ import torch
 
 from .codec import ChatCodec
 from .decoding import IncrementalBatch
-from .number_line import Task
 
 
 class LMReplyOracle:
@@ -24,7 +23,7 @@ class LMReplyOracle:
     def __init__(self, model, codec: ChatCodec, temperature: float = 1.0, batch_size: int = 64):
         self.model, self.codec, self.temperature, self.batch_size = model, codec, temperature, batch_size
 
-    def __call__(self, task: Task, histories: Sequence) -> np.ndarray:
+    def __call__(self, task, histories: Sequence) -> np.ndarray:
         rows = [self.codec.history_ids(task, h) for h in histories]
         return self.score_ids(rows)
 
@@ -76,7 +75,7 @@ class CachedOracle:
         self.oracle, self.table = oracle, dict(table or {})
         self.n_queried = 0
 
-    def __call__(self, task: Task, histories: Sequence) -> np.ndarray:
+    def __call__(self, task, histories: Sequence) -> np.ndarray:
         missing = [h for h in histories if (task, h) not in self.table]
         if missing:
             if self.oracle is None:

@@ -15,6 +15,7 @@ against committed metrics and regenerated::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -235,6 +236,45 @@ def _table_section(run: dict, ev: dict, checks: list[dict], temperature: float,
             + markdown_table(ev["table"], ev.get("intervals")) + "\n\nTargets:\n" + "\n".join(lines))
 
 
+def attribution_rules_table(rules: dict) -> str:
+    """Attribution accuracy on the test half of the reference's episodes, per method and rule (threshold rules
+    fitted on the validation half), and each method's rule chosen on the validation half with its test accuracy."""
+    from ..selection import ATTRIBUTION_METHODS
+    from .attribution_study import choose_rule
+
+    names = list(ATTRIBUTION_METHODS)
+    lines = ["| method | " + " | ".join(names) + " | chosen on validation: rule, test accuracy |",
+             "|---|" + "---:|" * (len(names) + 1)]
+    for m, row in rules["test"].items():
+        try:
+            chosen = choose_rule(rules["validation"], m)
+            pick = f"{chosen}, {_cell(row[chosen]['accuracy'])}"
+        except (KeyError, ValueError):
+            pick = "-"
+        cells = [_cell(row.get(r, {}).get("accuracy")) for r in names]
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + f" | {pick} |")
+    n_val = next(iter(rules["validation"].values()))[names[0]]["n"]
+    n_test = next(iter(rules["test"].values()))[names[0]]["n"]
+    return (f"Labelled failures: {n_val} in the validation half, {n_test} in the test half. Default rule of the "
+            f"scorer: the configured `attribution`.\n\n" + "\n".join(lines))
+
+
+CANDIDATE_COLUMNS = (("validation", "auroc", "val.: AUROC"), ("test", "auroc", "test: AUROC"),
+                     ("test", "best_of_n", "test: best-of-8"), ("test", "spearman_exact", "test: Spearman A*"),
+                     ("test", "attribution_accuracy", "test: attr. acc."))
+
+
+def candidates_table(block: dict) -> str:
+    """Progress advantage of the final policy against each candidate reference, on the validation and test halves
+    of the reference's episodes; the chosen one (best validation AUROC) in bold."""
+    lines = ["| reference | " + " | ".join(c[2] for c in CANDIDATE_COLUMNS) + " |",
+             "|---|" + "---:|" * len(CANDIDATE_COLUMNS)]
+    for name, halves in block["candidates"].items():
+        label = f"**{name}** (chosen)" if name == block["chosen"] else name
+        lines.append(f"| {label} | " + " | ".join(_cell(halves[h].get(c)) for h, c, _ in CANDIDATE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
 def render_tables(metrics: dict) -> tuple[str, str]:
     """``(table.md, drift.md)`` from the content of ``metrics.json``: nothing else is read."""
     sections, temperature = [], metrics["config"]["temperature"]
@@ -243,9 +283,32 @@ def render_tables(metrics: dict) -> tuple[str, str]:
         sections.append(
             f"### {run['name']}: beta={run['beta']}, loss_type={run['loss_type']}, {run['steps']} GRPO steps\n\n"
             f"#### Episodes of the final policy\n\n{_table_section(r, r['final'], r['targets'], temperature)}\n\n"
-            f"#### Episodes of the reference, scored by the same final scorer\n\n"
-            f"{_table_section(r, r['final_on_reference'], r['targets_on_reference'], temperature, 'the reference')}")
+            f"#### Episodes of the reference (test half), scored by the same final scorer\n\n"
+            f"{_table_section(r, r['final_on_reference'], r['targets_on_reference'], temperature, 'the reference (test half)')}"
+            + (f"\n\n#### Attribution rules on the reference's episodes (test half)\n\n"
+               f"{attribution_rules_table(r['attribution_rules'])}" if r.get("attribution_rules") else "")
+            + (f"\n\n#### Candidate references (reference's episodes; Spearman with A* of the initial reference)"
+               f"\n\n{candidates_table(r['reference_candidates'])}" if r.get("reference_candidates") else ""))
     return "\n\n".join(sections) + "\n", drift_table(metrics) + "\n"
+
+
+SETTINGS = ("beta", "loss_type", "scale_rewards", "use_bias_correction_kl", "learning_rate")
+
+
+def run_settings(run) -> dict:
+    """The GRPO settings of a run (a :class:`~progadv_trl.envs.demo_config.RunConfig` or its dict)."""
+    return run if isinstance(run, dict) else dataclasses.asdict(run)
+
+
+def train_window(train_log: list[dict], step: int, width: int = 10) -> dict:
+    """Mean train reward and TRL's KL per token over the ``width`` optimizer steps up to ``step``."""
+    rows = [x for x in train_log if step - width < x.get("step", 0) <= step] or train_log[max(0, step - width):step]
+
+    def mean(key):
+        v = [x[key] for x in rows if isinstance(x.get(key), (int, float))]
+        return float(np.mean(v)) if v else None
+
+    return {"reward": mean("reward"), "kl": mean("kl")}
 
 
 def write_report(report_dir: Path, cfg, runs: dict, exact: dict, clock) -> dict:
@@ -260,8 +323,16 @@ def write_report(report_dir: Path, cfg, runs: dict, exact: dict, clock) -> dict:
             "final": ev, "targets": target_checks(ev["table"], r.get("draws")), "final_on_reference": ev_ref,
             "targets_on_reference": target_checks(ev_ref["table"], r.get("draws_on_reference")),
             "checkpoints": r["checkpoints"], "callback_history": r["history"],
+            "attribution_rules": r.get("attribution_rules"),
+            "final_on_reference_validation": r.get("final_on_reference_validation"),
+            "reference_candidates": r.get("reference_candidates"),
+            "reward_models": r.get("reward_models"),
             "train_reward_first_last10": [r["train_log"][0].get("reward"),
-                                          float(np.mean([x.get("reward", np.nan) for x in r["train_log"][-10:]]))]}
+                                          float(np.mean([x.get("reward", np.nan) for x in r["train_log"][-10:]]))]
+            if r["train_log"] else [None, None],
+            "settings": {k: run_settings(run)[k] for k in SETTINGS},
+            "train_at_checkpoints": {str(ck["step"]): train_window(r["train_log"], ck["step"])
+                                     for ck in r["checkpoints"]}}
     metrics["plots"] = write_plots(report_dir, cfg, runs)
     metrics["seconds"] = {**clock.seconds, "total": clock.total}
     metrics = json.loads(json.dumps(json_ready(metrics)))  # the tables are rendered from exactly what is saved
@@ -305,13 +376,65 @@ def seed_table(reports: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _with_ci(value, ci) -> str:
+    return _cell(value) if not ci else f"{_cell(value)} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _chosen_attribution(rules: dict | None) -> str:
+    if not rules:
+        return "-"
+    return f"{_cell(rules['test'][METHOD][rules['chosen']]['accuracy'])} ({rules['chosen']})"
+
+
+def settings_table(metrics: dict) -> str:
+    """One row per run and checkpoint of a settings sweep (``metrics.json`` of ``progadv demo --config
+    demo_settings``): the run's GRPO settings, training-side quantities (train reward and TRL's KL per token over
+    the last 10 steps, success and KL per episode of 256 fresh episodes) and progress advantage's signal: per-step
+    Spearman with A* and the slope of PA on A* (live steps) on the policy's own episodes; on the test half of the
+    reference's episodes, Spearman with A*, success AUROC, best-of-8, attribution accuracy with the scorer's rule and
+    with the rule chosen on the validation half. Final rows carry 95% bootstrap intervals."""
+    head = ("| run | beta | scale_rewards | bias-corrected KL | loss | step | train reward | TRL KL/token | success | "
+            "KL/episode | own: Spearman A* | own: slope PA on A* | ref.: Spearman A* | ref.: AUROC | "
+            "ref.: best-of-8 | ref.: attr. acc. | ref.: attr. acc., rule chosen on validation |")
+    lines = [head, "|---|---:|---|---|---|---:|" + "---:|" * 11]
+    for run in metrics["config"]["runs"]:
+        r = metrics["runs"][run["name"]]
+        st = run_settings(run)
+        for ck in r["checkpoints"]:
+            final = ck["step"] == run["steps"]
+            own = r["final"] if final else ck
+            ref = r["final_on_reference"] if final else ck.get("on_reference")
+            ci_own = own.get("intervals", {}).get(METHOD, {}) if final else {}
+            ci_ref = (ref or {}).get("intervals", {}).get(METHOD, {}) if final else {}
+            train = r.get("train_at_checkpoints", {}).get(str(ck["step"]), {})
+            pa, pr = own["table"][METHOD], (ref or {}).get("table", {}).get(METHOD, {})
+            cells = [_cell(train.get("reward")), _cell(train.get("kl")), _cell(own["success"]),
+                     _cell(own["kl_per_episode"]),
+                     _with_ci(pa["spearman_exact"], ci_own.get("spearman_exact")), _cell(pa.get("slope_exact_live")),
+                     _with_ci(pr.get("spearman_exact"), ci_ref.get("spearman_exact")),
+                     _with_ci(pr.get("auroc"), ci_ref.get("auroc")),
+                     _with_ci(pr.get("best_of_n"), ci_ref.get("best_of_n")),
+                     _with_ci(pr.get("attribution_accuracy"), ci_ref.get("attribution_accuracy")),
+                     _chosen_attribution(r.get("attribution_rules")) if final else "-"]
+            lines.append(f"| {run['name']} | {st['beta']} | {st.get('scale_rewards', 'group')} | "
+                         f"{st.get('use_bias_correction_kl', True)} | {st['loss_type']} | {ck['step']} | "
+                         + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="Re-render table.md and drift.md from a demo's metrics.json; with "
                                      "several, print them side by side (one row per run and seed).")
     parser.add_argument("metrics", nargs="+", help="the report's metrics.json (several: compare them)")
+    parser.add_argument("--settings", action="store_true",
+                        help="print the settings table (one row per run and checkpoint) of one metrics.json")
     args = parser.parse_args(argv)
+    if args.settings:
+        for p in args.metrics:
+            print(settings_table(json.loads(Path(p).read_text(encoding="utf-8"))), end="")
+        return
     if len(args.metrics) > 1:
         print(seed_table([json.loads(Path(p).read_text(encoding="utf-8")) for p in args.metrics]), end="")
         return

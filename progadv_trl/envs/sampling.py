@@ -18,7 +18,6 @@ from ..data import Trajectory
 from .codec import ChatCodec
 from .decoding import IncrementalBatch
 from .exact import ExactSolver
-from .number_line import NumberLineEnv, Task
 
 
 @dataclass
@@ -27,7 +26,7 @@ class Episode:
     trains on: ``completion_ids`` (replies and the observations between them), ``env_mask`` (1 = sampled by the
     policy, 0 = observation) and the sampling log-probs (0 at observation tokens)."""
 
-    task: Task
+    task: object
     replies: list = field(default_factory=list)
     texts: list = field(default_factory=list)
     states: list = field(default_factory=list)
@@ -38,7 +37,8 @@ class Episode:
 
     @property
     def reward(self) -> float:
-        return NumberLineEnv.reward(self.states[-1]) if self.states else 0.0
+        """1 if the last state is a success (the reward of every built-in task), else 0."""
+        return 1.0 if self.states and self.states[-1].success else 0.0
 
     @property
     def done(self) -> bool:
@@ -46,10 +46,11 @@ class Episode:
 
 
 @torch.no_grad()
-def run_episodes(model, codec: ChatCodec, tasks: Sequence[Task], *, temperature: float = 1.0,
+def run_episodes(model, codec: ChatCodec, tasks: Sequence, *, temperature: float = 1.0,
                  generator: torch.Generator | None = None, rng: random.Random | None = None,
                  batch_size: int = 256) -> list[Episode]:
-    """One episode per task entry (repeat a task for a group), sampled with ``model`` at ``temperature``."""
+    """One episode per task entry (repeat a task for a group), sampled with ``model`` at ``temperature``; ``rng``
+    draws the environment's randomness (start states where the task has several, transitions)."""
     rng = rng or random.Random(0)
     was_training = model.training
     model.eval()
@@ -65,7 +66,7 @@ def run_episodes(model, codec: ChatCodec, tasks: Sequence[Task], *, temperature:
 def _run_batch(model, codec, tasks, temperature, generator, rng) -> list[Episode]:
     env = codec.env
     eps = [Episode(t, prompt_ids=list(codec.prompt_ids(t))) for t in tasks]
-    state = [env.initial_state(t) for t in tasks]
+    state = [env.reset(t, rng) for t in tasks]
     reply: list[list[int]] = [[] for _ in tasks]
     pending = [list(e.prompt_ids) for e in eps]
     batch = IncrementalBatch(model, len(eps), codec.tokenizer.pad_token_id or 0)
@@ -95,7 +96,7 @@ def _run_batch(model, codec, tasks, temperature, generator, rng) -> list[Episode
             e.states.append(nxt)
             state[b], reply[b] = nxt, []
             if not nxt.done:
-                obs = list(codec.observation_ids(env.observation(e.task, nxt), False))
+                obs = list(codec.observation_ids(env.observation(e.task, env.observe(nxt)), False))
                 e.completion_ids += obs
                 e.env_mask += [0] * len(obs)
                 e.logprobs += [0.0] * len(obs)
@@ -103,13 +104,14 @@ def _run_batch(model, codec, tasks, temperature, generator, rng) -> list[Episode
     return eps
 
 
-def to_trajectory(env: NumberLineEnv, episode: Episode, solver: ExactSolver | None = None, *, margin: float = 0.1,
+def to_trajectory(env, episode: Episode, solver: ExactSolver | None = None, *, margin: float = 0.1,
                   **fields) -> Trajectory:
-    """The episode as a :class:`~progadv_trl.data.Trajectory`; with a solver, ``metadata`` holds the exact per-step
-    values (see :meth:`~progadv_trl.envs.exact.ExactSolution.annotate`) and ``mistake_step`` the message index of
-    the decisive error (assistant turn ``t`` is message ``2 + 2t``)."""
-    meta: dict = {"task": {"start": episode.task.start, "goal": episode.task.goal},
-                  "replies": list(episode.replies), "positions": [s.pos for s in episode.states]}
+    """The episode as a :class:`~progadv_trl.data.Trajectory`; ``metadata`` holds the task, the replies and the
+    environment's facts (``env.episode_metadata``: positions, or the hidden fault and the outcomes); with a solver
+    also the exact per-step values (see :meth:`~progadv_trl.envs.exact.ExactSolution.annotate`) and
+    ``mistake_step`` the message index of the decisive error (assistant turn ``t`` is message ``2 + 2t``)."""
+    facts = env.episode_metadata(episode.task, episode.states)
+    meta: dict = {"task": facts.pop("task"), "replies": list(episode.replies), **facts}
     mistake = None
     if solver is not None:
         sol = solver(episode.task)
@@ -122,9 +124,9 @@ def to_trajectory(env: NumberLineEnv, episode: Episode, solver: ExactSolver | No
                              **fields)
 
 
-def sample_episodes(model, tokenizer, env: NumberLineEnv, n: int, temperature: float = 1.0, seed: int = 0, *,
+def sample_episodes(model, tokenizer, env, n: int, temperature: float = 1.0, seed: int = 0, *,
                     reference=None, beta: float = 0.04, solver: ExactSolver | None = None, group_size: int = 8,
-                    tasks: Sequence[Task] | None = None, margin: float = 0.1) -> list[Trajectory]:
+                    tasks: Sequence | None = None, margin: float = 0.1) -> list[Trajectory]:
     """``n`` episodes of ``model`` in groups of ``group_size`` per task (tasks cycled in a seeded order).
 
     The exact labels come from ``solver``, or from the DP with ``reference``'s oracle at ``temperature`` and

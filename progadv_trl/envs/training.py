@@ -1,11 +1,12 @@
-"""GRPO on the number-line task with TRL 1.16, on CPU, through a ``rollout_func``.
+"""GRPO on a built-in agent task (:mod:`~progadv_trl.envs.tasks`) with TRL 1.16, on CPU, through a ``rollout_func``.
 
 TRL's ``environment_factory`` expects tool calls; here an action is a plain-text reply, so the rollout function runs
 the environment loop itself (:func:`~progadv_trl.envs.sampling.run_episodes`) with the current policy at the
 trainer's temperature and returns, per episode, ``prompt_ids`` (system + task + generation header),
 ``completion_ids`` (replies and the observations between them), ``env_mask`` (TRL's ``tool_mask``: 0 on observation
 tokens, which are then excluded from the loss, the KL term and the length metrics), the sampling ``logprobs`` and
-the episode reward (``env_reward``, read by the reward function).
+the episode reward (``env_reward``, read by the reward function). The task of each episode is read back from its
+prompt (``env.task_from_prompt``).
 
 With ``beta > 0`` TRL reloads the reference from the policy's ``config._name_or_path``, so the policy is loaded from
 the saved reference folder: the run regularises toward exactly the checkpoint the exact DP queries.
@@ -24,7 +25,7 @@ from .number_line import NumberLineEnv
 from .sampling import run_episodes
 
 
-def make_rollout_func(env: NumberLineEnv, tokenizer, *, seed: int = 0):
+def make_rollout_func(env, tokenizer, *, seed: int = 0):
     """A TRL ``rollout_func(prompts, trainer) -> dict``: one episode per prompt (TRL already repeats each prompt
     ``num_generations`` times)."""
     codec = ChatCodec(tokenizer, env)
@@ -51,7 +52,7 @@ def env_reward(completions, env_reward, **kwargs) -> list[float]:
     return list(env_reward)
 
 
-def prompt_dataset(env: NumberLineEnv, n: int, seed: int = 0):
+def prompt_dataset(env, n: int, seed: int = 0):
     """``n`` prompts (conversational), tasks drawn uniformly with ``seed``."""
     from datasets import Dataset
 
@@ -59,7 +60,7 @@ def prompt_dataset(env: NumberLineEnv, n: int, seed: int = 0):
     return Dataset.from_list([{"prompt": env.prompt(rng.choice(tasks))} for _ in range(n)])
 
 
-def train_grpo(reference_dir: str | os.PathLike, output_dir: str | os.PathLike, *, env: NumberLineEnv | None = None,
+def train_grpo(reference_dir: str | os.PathLike, output_dir: str | os.PathLike, *, env=None,
                beta: float = 0.04, loss_type: str = "grpo", max_steps: int = 100, learning_rate: float = 1e-3,
                num_generations: int = 8, prompts_per_step: int = 8, temperature: float = 1.0,
                callbacks: Sequence = (), seed: int = 0, train: bool = True, save: bool = True, verbose: bool = False,
@@ -70,6 +71,7 @@ def train_grpo(reference_dir: str | os.PathLike, output_dir: str | os.PathLike, 
         reference_dir: a checkpoint folder (model and tokenizer), e.g. from
             :func:`~progadv_trl.envs.pretrain.train_reference`.
         output_dir: the trainer's output folder; the final policy (and tokenizer) is saved there.
+        env: a built-in task's environment (default: the number line).
         beta, loss_type, temperature: GRPO's KL coefficient, loss and generation temperature (``beta=0.0`` with
             ``loss_type="dapo"`` is TRL's default).
         max_steps: optimizer steps; each samples ``prompts_per_step * num_generations`` episodes.
