@@ -28,6 +28,8 @@ def tiny_config() -> DemoConfig:
     """Smaller than --quick: every phase, seconds each."""
     return DemoConfig(env={"size": 3, "max_turns": 2, "slip": 0.2, "max_distance": 1},
                       reference={"steps": 20, "n_demos": 100}, callback_episodes=16, eval_episodes=16,
+                      reference_episodes=32, reference_candidates=["alpha:-1", "previous:1"], reward_models=[16],
+                      reward_model_steps=2,
                       runs=[RunConfig("grpo", beta=0.04, steps=2, eval_steps=1, checkpoints=[1], prompts_per_step=2,
                                       num_generations=4),
                             RunConfig("dapo", beta=0.0, loss_type="dapo", steps=1, eval_steps=1, prompts_per_step=2,
@@ -61,6 +63,27 @@ def test_demo_writes_the_report(tmp_path, capsys):
     assert all("interval" in c for c in saved["runs"]["grpo"]["targets"]) and "[" in table
     drift = (report / "drift.md").read_text()
     assert "| grpo | 1 |" in drift and "| dapo | 1 |" in drift
+    grpo = saved["runs"]["grpo"]
+    # reference episodes split by group: the tables report the test half, choices are made on the validation half
+    halves = grpo["final_on_reference"]["n_episodes"], grpo["final_on_reference_validation"]["n_episodes"]
+    assert sum(halves) == 32 and min(halves) > 0
+    assert grpo["attribution_rules"]["chosen"] in grpo["attribution_rules"]["validation"]["progress_advantage"]
+    assert set(grpo["reference_candidates"]["candidates"]) == {"initial", "alpha:-1", "previous:1"}
+    assert grpo["reference_candidates"]["chosen"] in grpo["reference_candidates"]["candidates"]
+    assert set(grpo["reward_models"]) == {"orm@16", "prm@16"} and grpo["reward_models"]["orm@16"]["max_steps"] == 2
+    for row in ("orm@16", "prm@16"):
+        assert row in final["table"] and row in grpo["final_on_reference"]["table"]
+    assert "Candidate references" in table and "Attribution rules" in table
+    from progadv_trl.envs.report import settings_table
+
+    settings = settings_table(saved)
+    rows = [line.split(" | ")[0] for line in settings.splitlines()[2:]]
+    assert rows == ["| grpo", "| grpo", "| dapo"]
+    # a second run with the same settings reuses the trained runs (nothing is trained again)
+    stamp = (tmp_path / "grpo" / "_progadv" / "scorer").stat().st_mtime
+    run_demo(tmp_path, config=tiny_config())
+    assert "reused: trained earlier" in capsys.readouterr().out
+    assert (tmp_path / "grpo" / "_progadv" / "scorer").stat().st_mtime == stamp
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -82,6 +105,25 @@ def test_demo_rerun_uses_the_cache(tmp_path):
     assert first.oracle.n_queried > 0
     assert prepare_reference(tmp_path, env, cfg) == ref and (ref / "model.safetensors").stat().st_mtime == stamp
     assert prepare_exact(tmp_path, env, ref, cfg).oracle.n_queried == 0
+
+
+def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
+    from progadv_trl.envs.demo import mark_trained, trained_run
+
+    cfg = tiny_config()
+    run = cfg.runs[0]
+    folder = tmp_path / run.name
+    for part in ("_progadv/scorer", "checkpoints/step-1", "checkpoints/step-2"):
+        (folder / part).mkdir(parents=True)
+    (folder / "progadv-history.jsonl").write_text("{}\n")
+    assert trained_run(folder, cfg.run_key(run), run.checkpoints) is None  # never marked: trained again
+    mark_trained(folder, cfg.run_key(run), [{"step": 1, "reward": 0.5}])
+    assert trained_run(folder, cfg.run_key(run), run.checkpoints) == [{"step": 1, "reward": 0.5}]
+    changed = DemoConfig(**{**cfg.to_dict(), "runs": [{**cfg.to_dict()["runs"][0], "scale_rewards": "none"}]})
+    assert trained_run(folder, changed.run_key(changed.runs[0]), run.checkpoints) is None
+    assert trained_run(folder, cfg.run_key(run), [1, 2, 3]) is None  # a checkpoint asked for was not saved
+    renamed = DemoConfig(**{**cfg.to_dict(), "seed": 1})
+    assert trained_run(folder, renamed.run_key(renamed.runs[0]), run.checkpoints) is None
 
 
 def test_committed_demo_tables_equal_their_committed_metrics():

@@ -92,9 +92,9 @@ def test_repair_dynamics_and_texts():
     s = RepairState(1, Reading(-1, "start", 6))  # the valve is faulty
     test_valve, test_pump = ACTIONS.index("test(valve)"), ACTIONS.index("test(pump)")
     assert {n.seen.outcome: p for p, n in env.transitions(task, s, test_valve)} == pytest.approx(
-        {"high": 0.8, "normal": 0.2})
+        {"high": 0.9, "normal": 0.1})
     assert {n.seen.outcome: p for p, n in env.transitions(task, s, test_pump)} == pytest.approx(
-        {"high": 0.2, "normal": 0.8})
+        {"high": 0.1, "normal": 0.9})
     [(_, fixed)] = env.transitions(task, s, ACTIONS.index("replace(valve)"))
     assert fixed.success and fixed.done and env.reward(fixed) == 1.0
     [(_, broken)] = env.transitions(task, s, ACTIONS.index("replace(filter)"))

@@ -81,14 +81,17 @@ class ExactLabels:
         return self._solvers[beta]
 
     def summary(self, beta: float) -> dict:
-        """Mean success over tasks when following ``P_ref``, the KL-optimal ``pi*`` at ``beta``, and the best policy."""
+        """Mean over tasks of the success when following ``P_ref``, the KL-optimal ``pi*`` at ``beta`` and the best
+        policy, and of ``KL(pi* || P_ref)`` per episode: ``(E_pi*[R] - V*(root)) / beta``, since
+        ``V*(root) = E_pi*[R] - beta KL(pi* || P_ref)``."""
         import numpy as np
 
         sols = [self.solver(beta)(t) for t in self.env.tasks()]
         return {"beta": beta, "n_tasks": len(sols),
                 "success_reference": float(np.mean([s.success_reference for s in sols])),
                 "success_kl_optimal": float(np.mean([s.success_soft for s in sols])),
-                "success_optimal": float(np.mean([s.success_optimal for s in sols]))}
+                "success_optimal": float(np.mean([s.success_optimal for s in sols])),
+                "kl_per_episode_kl_optimal": float(np.mean([(s.success_soft - s.value(())) / beta for s in sols]))}
 
 
 def prepare_exact(cache: Path, env, ref_dir: Path, cfg: DemoConfig) -> ExactLabels:

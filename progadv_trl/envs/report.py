@@ -389,14 +389,15 @@ def _chosen_attribution(rules: dict | None) -> str:
 def settings_table(metrics: dict) -> str:
     """One row per run and checkpoint of a settings sweep (``metrics.json`` of ``progadv demo --config
     demo_settings``): the run's GRPO settings, training-side quantities (train reward and TRL's KL per token over
-    the last 10 steps, success and KL per episode of 256 fresh episodes) and progress advantage's signal: per-step
+    the last 10 steps, success and KL per episode of 256 fresh episodes, against the KL per episode of the
+    KL-optimal policy pi* at the run's beta) and progress advantage's signal: per-step
     Spearman with A* and the slope of PA on A* (live steps) on the policy's own episodes; on the test half of the
     reference's episodes, Spearman with A*, success AUROC, best-of-8, attribution accuracy with the scorer's rule and
     with the rule chosen on the validation half. Final rows carry 95% bootstrap intervals."""
     head = ("| run | beta | scale_rewards | bias-corrected KL | loss | step | train reward | TRL KL/token | success | "
-            "KL/episode | own: Spearman A* | own: slope PA on A* | ref.: Spearman A* | ref.: AUROC | "
+            "KL/episode | KL/episode of pi* | own: Spearman A* | own: slope PA on A* | ref.: Spearman A* | ref.: AUROC | "
             "ref.: best-of-8 | ref.: attr. acc. | ref.: attr. acc., rule chosen on validation |")
-    lines = [head, "|---|---:|---|---|---|---:|" + "---:|" * 11]
+    lines = [head, "|---|---:|---|---|---|---:|" + "---:|" * 12]
     for run in metrics["config"]["runs"]:
         r = metrics["runs"][run["name"]]
         st = run_settings(run)
@@ -410,6 +411,7 @@ def settings_table(metrics: dict) -> str:
             pa, pr = own["table"][METHOD], (ref or {}).get("table", {}).get(METHOD, {})
             cells = [_cell(train.get("reward")), _cell(train.get("kl")), _cell(own["success"]),
                      _cell(own["kl_per_episode"]),
+                     _cell(metrics.get("exact", {}).get(run["name"], {}).get("kl_per_episode_kl_optimal")),
                      _with_ci(pa["spearman_exact"], ci_own.get("spearman_exact")), _cell(pa.get("slope_exact_live")),
                      _with_ci(pr.get("spearman_exact"), ci_ref.get("spearman_exact")),
                      _with_ci(pr.get("auroc"), ci_ref.get("auroc")),

@@ -32,7 +32,7 @@ class TaskSpec:
 TASKS = {
     "number_line": TaskSpec("number_line", NumberLineEnv, NoisyDemonstrator,
                             {"size": 5, "max_turns": 4, "slip": 0.2, "max_distance": 3}),
-    "repair": TaskSpec("repair", RepairEnv, RepairDemonstrator, {"max_turns": 6, "hit": 0.8, "false_alarm": 0.2}),
+    "repair": TaskSpec("repair", RepairEnv, RepairDemonstrator, {"max_turns": 6, "hit": 0.9, "false_alarm": 0.1}),
 }
 
 
