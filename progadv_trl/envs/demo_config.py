@@ -132,7 +132,10 @@ class DemoConfig:
 
     def reference_key(self) -> str:
         """Hash of what determines the reference checkpoint (its cache folder name)."""
-        return _hash({"env": self.env, "reference": self.reference, "seed": self.seed})
+        key = {"env": self.env, "reference": self.reference, "seed": self.seed}
+        if self.task != "number_line":  # number-line cache names predate the task field
+            key["task"] = self.task
+        return _hash(key)
 
     def run_key(self, run: RunConfig) -> str:
         """Hash of what determines a trained run, its name and checkpoint list aside (its folder is reused when this
