@@ -347,7 +347,7 @@ def test_repair_configs(name):
     cfg = load_config(name)
     env = make_env(cfg.task, cfg.env)
     assert cfg.task == "repair" and isinstance(env, RepairEnv)
-    assert [r.name for r in cfg.runs] == ["grpo-beta0.04", "dapo-beta0"]
+    assert cfg.runs[0].name == "grpo-beta0.04" and len(cfg.runs) == 2
 
 
 # ---------------------------------------------------------------------------------------------- LM pieces

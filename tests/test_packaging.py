@@ -20,7 +20,8 @@ from progadv_trl.configs import packaged, resolve
 from conftest import sample_trajectories
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ["authors_compat", "demo", "demo_quick", "grpo_tiny", "score_default"]
+CONFIGS = ["authors_compat", "demo", "demo_quick", "demo_repair", "demo_repair_quick", "demo_settings", "grpo_tiny",
+           "score_default"]
 
 
 def _run(cmd, **kw):

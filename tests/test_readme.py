@@ -104,3 +104,13 @@ def test_seed_table_is_what_the_report_prints():
     runs = [json.loads(_text(p)) for p in (demo / "metrics.json", demo / "seed1" / "metrics.json",
                                           demo / "seed2" / "metrics.json")]
     assert seed_table(runs) in _text(ROOT / "docs" / "results.md")
+
+
+def test_settings_table_is_what_the_report_prints():
+    from progadv_trl.envs.report import render_tables, settings_table
+
+    metrics = json.loads(_text(ROOT / "docs" / "settings" / "metrics.json"))
+    assert settings_table(metrics) in _text(ROOT / "docs" / "settings.md")
+    text, drift = render_tables(metrics)
+    assert text == _text(ROOT / "docs" / "settings" / "table.md")
+    assert drift == _text(ROOT / "docs" / "settings" / "drift.md")
