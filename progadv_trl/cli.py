@@ -755,7 +755,8 @@ def cmd_evaluate(args) -> int:
     from .baselines import BASELINES
     from .metrics import format_table
 
-    methods = _config_from_args(args).get("baselines") or list(BASELINES)  # evaluate compares all unless named
+    methods = _config_from_args(args).get("baselines") or ["all"]  # evaluate compares all unless named
+    methods = list(BASELINES) if "all" in methods else methods
     with _output(args, "evaluate", atomic=True) if args.output else contextlib.nullcontext() as out:
         trajs, needed = _input_settings(args, _trajectories(args))
         scorer = _load_scorer(args, methods, needed)

@@ -65,6 +65,8 @@ def test_rank_attribute_evaluate(tiny_dir, data, tmp_path, capsys):
     assert "progress_advantage" in printed and "self_certainty" in printed
     table = json.loads((tmp_path / "m.json").read_text())["table"]
     assert table["progress_advantage"]["n_success_labelled"] == 4
+    assert main(["evaluate", *_models(tiny_dir), "--input", str(data), "--baselines", "all"]) == 0  # "all" expanded
+    assert "neg_entropy" in capsys.readouterr().out
 
 
 def test_bad_data_exit_1_names_file_line_field(tiny_dir, tmp_path, capsys):

@@ -275,6 +275,9 @@ def candidates_table(block: dict) -> str:
     return "\n".join(lines)
 
 
+REF_TEST = "the reference (test half)"
+
+
 def render_tables(metrics: dict) -> tuple[str, str]:
     """``(table.md, drift.md)`` from the content of ``metrics.json``: nothing else is read."""
     sections, temperature = [], metrics["config"]["temperature"]
@@ -284,7 +287,7 @@ def render_tables(metrics: dict) -> tuple[str, str]:
             f"### {run['name']}: beta={run['beta']}, loss_type={run['loss_type']}, {run['steps']} GRPO steps\n\n"
             f"#### Episodes of the final policy\n\n{_table_section(r, r['final'], r['targets'], temperature)}\n\n"
             f"#### Episodes of the reference (test half), scored by the same final scorer\n\n"
-            f"{_table_section(r, r['final_on_reference'], r['targets_on_reference'], temperature, 'the reference (test half)')}"
+            f"{_table_section(r, r['final_on_reference'], r['targets_on_reference'], temperature, REF_TEST)}"
             + (f"\n\n#### Attribution rules on the reference's episodes (test half)\n\n"
                f"{attribution_rules_table(r['attribution_rules'])}" if r.get("attribution_rules") else "")
             + (f"\n\n#### Candidate references (reference's episodes; Spearman with A* of the initial reference)"
@@ -395,8 +398,8 @@ def settings_table(metrics: dict) -> str:
     reference's episodes, Spearman with A*, success AUROC, best-of-8, attribution accuracy with the scorer's rule and
     with the rule chosen on the validation half. Final rows carry 95% bootstrap intervals."""
     head = ("| run | beta | scale_rewards | bias-corrected KL | loss | step | train reward | TRL KL/token | success | "
-            "KL/episode | KL/episode of pi* | own: Spearman A* | own: slope PA on A* | ref.: Spearman A* | ref.: AUROC | "
-            "ref.: best-of-8 | ref.: attr. acc. | ref.: attr. acc., rule chosen on validation |")
+            "KL/episode | KL/episode of pi* | own: Spearman A* | own: slope PA on A* | ref.: Spearman A* | "
+            "ref.: AUROC | ref.: best-of-8 | ref.: attr. acc. | ref.: attr. acc., rule chosen on validation |")
     lines = [head, "|---|---:|---|---|---|---:|" + "---:|" * 12]
     for run in metrics["config"]["runs"]:
         r = metrics["runs"][run["name"]]
