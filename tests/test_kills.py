@@ -57,10 +57,13 @@ def test_killed_scoring_leaves_whole_lines_and_resume_completes(tiny_dir, tmp_pa
     assert ids == [f"t{i}" for i in range(40)]  # each once, in order
 
 
+N_CTRL_C = 120
+
+
 def test_ctrl_c_exits_130_with_whole_lines_no_lock_and_resume_continues(tiny_dir, tmp_path):
     from progadv_trl import cli
 
-    trajs = many_trajectories(30)
+    trajs = many_trajectories(N_CTRL_C)  # many more than the parent needs to see: a slow parent cannot miss the run
     data = tmp_path / "in.jsonl"
     save_trajectories(data, trajs)
     out, err = tmp_path / "out.jsonl", tmp_path / "stderr.txt"
@@ -102,7 +105,7 @@ def test_ctrl_c_exits_130_with_whole_lines_no_lock_and_resume_continues(tiny_dir
     assert f"holds {n} complete lines" in message and "--resume" in message and "Traceback" not in message
     assert not (tmp_path / ".out.jsonl.lock").exists()
     assert main(args + ["--resume"]) == 0
-    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [f"t{i}" for i in range(30)]
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == [f"t{i}" for i in range(N_CTRL_C)]
     assert out.read_text().startswith(text)
 
 
