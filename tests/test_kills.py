@@ -72,6 +72,8 @@ def test_ctrl_c_exits_130_with_whole_lines_no_lock_and_resume_continues(tiny_dir
 
     def child():
         torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
+        # a shell's background job starts with SIGINT ignored, which the fork inherits: restore Python's Ctrl-C
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         sys.stderr = open(err, "w", buffering=1)
         fast = cli._progress
 
