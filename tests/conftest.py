@@ -8,6 +8,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -78,3 +79,16 @@ def data(tmp_path):
     path = tmp_path / "in.jsonl"
     save_trajectories(path, sample_trajectories())
     return path
+
+
+def synthetic_log_probs(task, histories, n_replies: int, seed: int = 0):
+    """A history-dependent pseudo-random reply distribution with some invalid mass: ``[n_histories, n_replies]``
+    log-probabilities, an oracle for the exact DP's tests."""
+    import zlib
+
+    out = []
+    for h in histories:
+        g = np.random.default_rng(zlib.crc32(repr((seed, task, h)).encode()))
+        z = g.normal(size=n_replies + 1) * 1.5
+        out.append((z - np.log(np.exp(z).sum()))[:n_replies])
+    return np.array(out)

@@ -3,11 +3,11 @@ fully observed, against the state-tree DP), decisive-mistake labels, the LM piec
 
 import math
 import random
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import synthetic_log_probs
 
 from progadv_trl.envs.codec import ChatCodec
 from progadv_trl.envs.exact import solve
@@ -29,12 +29,7 @@ def small_env(**kw):
 
 def synthetic_oracle(task, histories, n_replies=len(SMALL_REPLIES), seed=0):
     """History-dependent pseudo-random reply distribution with some invalid mass."""
-    out = []
-    for h in histories:
-        g = np.random.default_rng(zlib.crc32(repr((seed, task, h)).encode()))
-        z = g.normal(size=n_replies + 1) * 1.5
-        out.append((z - np.log(np.exp(z).sum()))[:n_replies])
-    return np.array(out)
+    return synthetic_log_probs(task, histories, n_replies, seed)
 
 
 def ref_dist(task, history, n_replies=len(SMALL_REPLIES)):

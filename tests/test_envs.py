@@ -2,10 +2,10 @@
 
 import math
 import random
-import zlib
 
 import numpy as np
 import pytest
+from conftest import synthetic_log_probs
 import torch
 
 from progadv_trl.envs.codec import ChatCodec
@@ -24,12 +24,7 @@ def small_env(**kw):
 
 def synthetic_oracle(task, histories, n_replies=4, seed=0):
     """History-dependent pseudo-random reply distribution with some invalid mass."""
-    out = []
-    for h in histories:
-        g = np.random.default_rng(zlib.crc32(repr((seed, task, h)).encode()))
-        z = g.normal(size=n_replies + 1) * 1.5
-        out.append((z - np.log(np.exp(z).sum()))[:n_replies])
-    return np.array(out)
+    return synthetic_log_probs(task, histories, n_replies, seed)
 
 
 def enumerate_episodes(env, task, policy, history=(), state=None, prob=1.0, log_ratio=0.0):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from ..data import Message, Trajectory
+from .chance import draw
 
 ACTIONS = ("left", "right")
 # (reply string, action, frequency in the demonstrations): value-irrelevant preferences of very different strength
@@ -155,13 +156,7 @@ class NumberLineEnv:
     def step(self, task: Task, state: State, reply: int | None, rng) -> State:
         """Sample the next state after reply ``reply`` (an index of :attr:`replies`, ``None``: invalid) with ``rng``
         (a ``random.Random``)."""
-        r, acc = rng.random(), 0.0
-        trans = self.transitions(task, state, None if reply is None else self.reply_action[reply])
-        for p, nxt in trans:
-            acc += p
-            if r < acc:
-                return nxt
-        return trans[-1][1]
+        return draw(self.transitions(task, state, None if reply is None else self.reply_action[reply]), rng)
 
     @staticmethod
     def reward(state: State) -> float:

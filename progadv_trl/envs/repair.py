@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..data import Message, Trajectory
+from .chance import draw
 
 PARTS = ("pump", "valve", "filter")
 SENSORS = ("pump", "valve")
@@ -156,13 +157,7 @@ class RepairEnv:
 
     def reset(self, task: RepairTask, rng: random.Random) -> RepairState:
         """The start state of an episode: the fault drawn with ``rng`` from the task's prior."""
-        r, acc = rng.random(), 0.0
-        starts = self.initial_states(task)
-        for p, state in starts:
-            acc += p
-            if r < acc:
-                return state
-        return starts[-1][1]
+        return draw(self.initial_states(task), rng)
 
     @staticmethod
     def observe(state: RepairState) -> Reading:
@@ -221,13 +216,7 @@ class RepairEnv:
 
     def step(self, task: RepairTask, state: RepairState, reply: int | None, rng: random.Random) -> RepairState:
         """Sample the next state after reply ``reply`` (an index of :attr:`replies`, ``None``: invalid) with ``rng``."""
-        r, acc = rng.random(), 0.0
-        trans = self.transitions(task, state, None if reply is None else self.reply_action[reply])
-        for p, nxt in trans:
-            acc += p
-            if r < acc:
-                return nxt
-        return trans[-1][1]
+        return draw(self.transitions(task, state, None if reply is None else self.reply_action[reply]), rng)
 
     @staticmethod
     def reward(state: RepairState) -> float:
