@@ -162,6 +162,28 @@ def test_heldout_prompts_sampled_and_labelled_by_trainer_rewards(model_dir, data
     assert all(r.reward in (0.0, 1.0) for r in res)
 
 
+@pytest.mark.parametrize("beta,loss_type", [(0.04, "grpo"), (0.0, "dapo")])
+def test_the_callback_does_not_change_training(model_dir, dataset, tmp_path, beta, loss_type):
+    """Same seed, with and without the callback (evaluating every step, generating held-out completions, keeping
+    a snapshot when beta is 0): the trainer's own log rows and the final weights are bit-identical."""
+    def train(out, with_callback):
+        args = GRPOConfig(**grpo_args(tmp_path, beta=beta, loss_type=loss_type, output_dir=str(out), logging_steps=1))
+        t = GRPOTrainer(model=str(model_dir), reward_funcs=reward_even_length, args=args, train_dataset=dataset)
+        if with_callback:
+            prompts = [{"prompt": [{"role": "user", "content": f"What is {i} times 3?"}]} for i in range(2)]
+            t.add_callback(ProgressAdvantageCallback(trainer=t, config=ProgressAdvantageConfig(
+                heldout=sample_trajectories(), heldout_prompts=prompts, eval_num_generations=4, eval_steps=1)))
+        t.train()
+        rows = [{k: v for k, v in r.items() if not k.startswith("progadv/") and k not in ("step_time", "train_runtime")
+                 and not k.endswith("_per_second")} for r in t.state.log_history if "loss" in r or "train_loss" in r]
+        return rows, t.model.state_dict()
+
+    rows, weights = train(tmp_path / "plain", False)
+    rows_cb, weights_cb = train(tmp_path / "monitored", True)
+    assert len(rows) == 5 and rows == rows_cb
+    assert all(torch.equal(weights[k], weights_cb[k]) for k in weights)
+
+
 class StopAt(TrainerCallback):
     """Ends the run after ``step``, as a kill right after a checkpoint would."""
 
