@@ -272,6 +272,29 @@ def _name(origin: dict | None) -> str:
     return f"`{origin['name']}`" + (f" (revision `{rev}`)" if rev else "")
 
 
+def _candidate_lines(prov: dict) -> list[str]:
+    """What the card says about the scoring reference when it was chosen among candidates or is not the reference
+    itself (a weight-space blend, or an earlier policy)."""
+    alpha, previous, choice = prov.get("reference_alpha"), prov.get("reference_previous"), prov.get("reference_choice")
+    if alpha is not None:
+        line = (f"  - scored against the weight-space blend `theta_ref + a * (theta - theta_ref)` with a = {_fmt(alpha)} "
+                "of that reference and the policy (the blended weights are what `reference/` holds)")
+    elif previous is not None:
+        line = (f"  - scored against the policy {previous} evaluation(s) earlier"
+                + (f", at training step {prov['reference_step']}" if prov.get("reference_step") is not None else "")
+                + " (its weights are what `reference/` holds)")
+    elif choice:
+        line = "  - scored against that reference itself"
+    else:
+        return []
+    if choice and choice.get("quality_metric"):
+        names = ["initial"] + [c for c in choice.get("candidates") or [] if c != "initial"]
+        line += (f"; candidate `{prov.get('reference_candidate')}` chosen among "
+                 f"{', '.join(f'`{c}`' for c in names)} by `{choice['quality_metric']}` on the validation groups of "
+                 f"the held-out rollouts ({_fmt(choice.get('val'))}; test groups {_fmt(choice.get('test'))})")
+    return [line]
+
+
 def model_card(meta: dict, repo_id: str | None = None) -> str:
     """``README.md`` of an export, from its ``progadv_config.json`` fields (YAML front matter for the Hub, then what
     the scorer is, its models, settings, held-out metrics and how to load it)."""
@@ -317,7 +340,7 @@ def model_card(meta: dict, repo_id: str | None = None) -> str:
         (f"- Policy: trained from {_name(origins.get('policy'))}, exported at training step {prov['step']}"
          if prov.get("step") is not None else f"- Policy: {_name(origins.get('policy'))}")
         + f", {policy_kind} (stored in this folder, `policy/`)",
-        f"- Reference: {_name(ref_origin)}, {stored}", "",
+        f"- Reference: {_name(ref_origin)}, {stored}", *_candidate_lines(prov), "",
         "## Settings", "",
         "| setting | value |", "| --- | --- |",
         *(f"| `{k}` | {_fmt(cfg.get(k))} |" for k in ("beta", "temperature", "top_k", "rendering", "max_length")

@@ -120,6 +120,8 @@ def test_from_models_reference_alpha_equals_a_blended_checkpoint(tiny_dir, blend
     reloaded = ProgressAdvantageScorer.from_pretrained(tmp_path / "scorer")
     assert scores(reloaded, trajectories) == scores(blended, trajectories)
     assert reloaded.provenance["reference_alpha"] == -1.0
+    card = (tmp_path / "scorer" / "README.md").read_text()  # the card says what the scoring reference is
+    assert "weight-space blend `theta_ref + a * (theta - theta_ref)` with a = -1" in card
 
 
 def test_from_models_refuses_alpha_one_and_no_reference(tiny_dir):
@@ -211,10 +213,16 @@ def test_monitor_candidates_match_scoring_by_hand(tiny_dir, tmp_path):
         assert exported.provenance["reference_candidate"] == cand.name
         assert [r.score for r in exported.score(trajs)] == pytest.approx([r.score for r in by_hand[cand.name]],
                                                                          abs=1e-5)
+        card = (tmp_path / cand.name / "README.md").read_text()
         if cand.kind == "previous":
             assert exported.provenance["reference_step"] == 0 and exported.provenance["reference_previous"] == 1
+            assert "scored against the policy 1 evaluation(s) earlier, at training step 0" in card
         if cand.kind == "alpha":
             assert exported.provenance["reference_alpha"] == -1.0
+            assert "with a = -1 of that reference and the policy" in card
+        if cand.kind == "initial":
+            assert "scored against that reference itself" in card
+        assert f"candidate `{cand.name}` chosen among `initial`, `previous:1`, `alpha:-1`" in card
     # memory: one reused model, one earlier policy on CPU
     size = sum(p.numel() * p.element_size() for p in ref.parameters())
     assert monitor.candidates.previous_bytes == size and len(monitor.candidates._previous) == 1
