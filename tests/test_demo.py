@@ -128,12 +128,13 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
 
 def test_committed_demo_tables_equal_their_committed_metrics():
     """docs/demo/table.md and drift.md are rendered from docs/demo/metrics.json (the run they report), nothing else:
-    `python -m progadv_trl.envs.report docs/demo/metrics.json` regenerates them."""
+    `python -m progadv_trl.envs.report docs/demo/metrics.json` regenerates them; likewise docs/repair/."""
     from pathlib import Path
 
     from progadv_trl.envs.report import render_tables
 
-    docs = Path(__file__).resolve().parents[1] / "docs" / "demo"
-    text, drift = render_tables(json.loads((docs / "metrics.json").read_text(encoding="utf-8")))
-    assert text == (docs / "table.md").read_text(encoding="utf-8")
-    assert drift == (docs / "drift.md").read_text(encoding="utf-8")
+    root = Path(__file__).resolve().parents[1] / "docs"
+    for docs in (root / "demo", root / "repair"):
+        text, drift = render_tables(json.loads((docs / "metrics.json").read_text(encoding="utf-8")))
+        assert text == (docs / "table.md").read_text(encoding="utf-8"), docs
+        assert drift == (docs / "drift.md").read_text(encoding="utf-8"), docs

@@ -114,3 +114,10 @@ def test_settings_table_is_what_the_report_prints():
     text, drift = render_tables(metrics)
     assert text == _text(ROOT / "docs" / "settings" / "table.md")
     assert drift == _text(ROOT / "docs" / "settings" / "drift.md")
+
+
+def test_repair_settings_table_is_what_the_report_prints():
+    from progadv_trl.envs.report import settings_table
+
+    metrics = json.loads(_text(ROOT / "docs" / "repair" / "metrics.json"))
+    assert settings_table(metrics) in _text(ROOT / "docs" / "results.md")

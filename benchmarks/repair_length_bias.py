@@ -1,0 +1,136 @@
+"""Why GRPO's per-sequence loss makes the repair task's policy gamble: behaviour of each demo run's policy, and the
+push each GRPO loss gives to opening with a replace.
+
+    progadv demo --config demo_repair --output-dir progadv-demo-repair
+    OMP_NUM_THREADS=1 python benchmarks/repair_length_bias.py --demo-dir progadv-demo-repair
+
+For the reference and each run's policy at the given steps (default: the last): 32 episodes per task (12 tasks, in
+groups of 8, seed 5), and per policy the success rate, the share of episodes whose first action is a replace (a
+gamble: the fault is hidden), the success of those, the share with an unparseable reply, and the mean number of
+policy tokens of successful and of failed episodes. A failure is long: after a wrong replace the device is damaged
+and the episode goes on to the last turn.
+
+Then, on the reference's episodes, the push of each loss on "open with a replace": with group advantages
+``A_i = (r_i - mean_g) / std_g``, each episode's policy-gradient weight is ``w_i = A_i / L_i`` for ``loss_type="grpo"``
+(each episode's token losses are averaged over its own length ``L_i``) and ``w_i = A_i / mean(L)`` for the token-level
+losses (``"dapo"``, ``"dr_grpo"``, ``"bnpo"``: one normaliser for the batch); the push is
+``sum_i w_i (1[i opens with a replace] - p_task)`` per group, averaged over groups (``p_task``: the share of the
+task's episodes that open with a replace). Positive: the loss raises the probability of opening with a replace.
+95% intervals by bootstrap over groups. About two minutes at one thread.
+"""
+
+import argparse
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+N_BOOTSTRAP = 1000
+
+
+def group_interval(values_by_group: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
+    """Mean over groups and its 95% bootstrap interval (groups resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(values_by_group), (N_BOOTSTRAP, len(values_by_group)))
+    means = values_by_group[draws].mean(axis=1)
+    return float(values_by_group.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def opens_with_replace(env, episode) -> bool:
+    first = episode.replies[0] if episode.replies else None
+    return first is not None and env.replies[first].startswith(("replace", "swap"))
+
+
+def behaviour(env, episodes, group_size: int) -> dict:
+    rewards = np.array([e.reward for e in episodes])
+    gamble = np.array([opens_with_replace(env, e) for e in episodes])
+    invalid = np.array([None in e.replies for e in episodes])
+    tokens = np.array([sum(e.env_mask) for e in episodes])
+    by_group = lambda x: x.reshape(-1, group_size).mean(axis=1)  # noqa: E731
+    return {"success": group_interval(by_group(rewards.astype(float))),
+            "opens with replace": group_interval(by_group(gamble.astype(float))),
+            "success if it does": float(rewards[gamble].mean()) if gamble.any() else float("nan"),
+            "success if it tests": float(rewards[~gamble].mean()) if (~gamble).any() else float("nan"),
+            "unparseable reply": float(invalid.mean()),
+            "tokens, successes": float(tokens[rewards == 1].mean()) if (rewards == 1).any() else float("nan"),
+            "tokens, failures": float(tokens[rewards == 0].mean()) if (rewards == 0).any() else float("nan")}
+
+
+def pushes(env, episodes, group_size: int) -> dict:
+    """Per group, the push of each loss on opening with a replace (see the module docstring)."""
+    rewards = np.array([e.reward for e in episodes]).reshape(-1, group_size)
+    gamble = np.array([opens_with_replace(env, e) for e in episodes], dtype=float).reshape(-1, group_size)
+    tokens = np.array([sum(e.env_mask) for e in episodes], dtype=float).reshape(-1, group_size)
+    tasks = [episodes[g * group_size].task for g in range(len(rewards))]
+    share = {t: gamble[[i for i, u in enumerate(tasks) if u == t]].mean() for t in set(tasks)}
+    p = np.array([share[t] for t in tasks])[:, None]
+    std = rewards.std(axis=1, ddof=1, keepdims=True)
+    adv = (rewards - rewards.mean(axis=1, keepdims=True)) / (std + 1e-4)  # TRL: scale_rewards="group"
+    sequence = (adv / tokens * (gamble - p)).sum(axis=1)
+    token = (adv / tokens.mean() * (gamble - p)).sum(axis=1)
+    return {'"grpo" (per-sequence mean)': group_interval(sequence, 1),
+            '"dapo" / "dr_grpo" (token-level)': group_interval(token, 2)}
+
+
+def main() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from progadv_trl.envs.codec import ChatCodec
+    from progadv_trl.envs.demo import load_config, prepare_reference
+    from progadv_trl.envs.sampling import run_episodes
+    from progadv_trl.envs.tasks import make_env
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo-dir", default="progadv-demo-repair")
+    parser.add_argument("--config", default="demo_repair", help="the demo's config (name or YAML path)")
+    parser.add_argument("--steps", type=int, nargs="*", help="checkpoint steps to read (default: each run's last)")
+    parser.add_argument("--episodes-per-task", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=5)
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    cfg = load_config(args.config)
+    if cfg.task != "repair":
+        raise SystemExit(f"--config {args.config!r} is a {cfg.task!r} demo; this benchmark reads the repair task")
+    demo = Path(args.demo_dir)
+    env = make_env(cfg.task, cfg.env)
+    policies = {"reference": prepare_reference(demo / "cache", env, cfg)}
+    for run in cfg.runs:
+        for step in args.steps or [run.steps]:
+            folder = demo / run.name / "checkpoints" / f"step-{step}"
+            if not folder.is_dir():
+                raise SystemExit(f"{folder} is missing: run `progadv demo --config {args.config} --output-dir "
+                                 f"{demo}` first")
+            policies[f"{run.name} (loss {run.loss_type}), step {step}"] = folder
+
+    tasks = [t for t in env.tasks() for _ in range(args.episodes_per_task)]
+    rows, reference_episodes = [], None
+    for name, folder in policies.items():
+        model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        codec = ChatCodec(AutoTokenizer.from_pretrained(str(folder)), env)
+        episodes = run_episodes(model, codec, tasks, temperature=cfg.temperature,
+                                generator=torch.Generator().manual_seed(args.seed), rng=random.Random(args.seed))
+        reference_episodes = reference_episodes or episodes
+        rows.append((name, behaviour(env, episodes, cfg.group_size)))
+
+    ci = lambda v: f"{v[0]:.3f} [{v[1]:.2f}, {v[2]:.2f}]"  # noqa: E731
+    print(f"## Behaviour ({len(tasks)} episodes per policy, seed {args.seed})\n")
+    print("| policy | success | opens with a replace | success if it does | success if it tests | unparseable reply "
+          "| policy tokens: successes | failures |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, b in rows:
+        print(f"| {name} | {ci(b['success'])} | {ci(b['opens with replace'])} | {b['success if it does']:.3f} | "
+              f"{b['success if it tests']:.3f} | {b['unparseable reply']:.3f} | {b['tokens, successes']:.1f} | "
+              f"{b['tokens, failures']:.1f} |")
+    print("\n## Push on opening with a replace, on the reference's episodes (positive: the loss makes it likelier)\n")
+    print("| loss | push per group |")
+    print("|---|---:|")
+    for loss, value in pushes(env, reference_episodes, cfg.group_size).items():
+        print(f"| {loss} | {value[0]:+.4f} [{value[1]:+.4f}, {value[2]:+.4f}] |")
+
+
+if __name__ == "__main__":
+    main()
