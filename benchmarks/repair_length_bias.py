@@ -16,7 +16,12 @@ Then, on the reference's episodes, the push of each loss on "open with a replace
 losses (``"dapo"``, ``"dr_grpo"``, ``"bnpo"``: one normaliser for the batch); the push is
 ``sum_i w_i (1[i opens with a replace] - p_task)`` per group, averaged over groups (``p_task``: the share of the
 task's episodes that open with a replace). Positive: the loss raises the probability of opening with a replace.
-95% intervals by bootstrap over groups. About two minutes at one thread.
+95% intervals by bootstrap over groups.
+
+Last, for the runs named by ``--by-step-kind`` (default: ``dapo-no-bias-correction``), the mean progress advantage
+of the run's exported scorer and the mean exact ``A*`` per kind of step (a test, a replace, an unparseable reply),
+on the run's own episodes and on the reference's (``eval_episodes`` each, the demo's evaluation seed): where the
+two disagree is where the log-ratio misreads a step. About five minutes at one thread.
 """
 
 import argparse
@@ -49,6 +54,7 @@ def behaviour(env, episodes, group_size: int) -> dict:
     rewards = np.array([e.reward for e in episodes])
     gamble = np.array([opens_with_replace(env, e) for e in episodes])
     invalid = np.array([None in e.replies for e in episodes])
+    unparseable = [t for e in episodes for r, t in zip(e.replies, e.texts) if r is None]
     tokens = np.array([sum(e.env_mask) for e in episodes])
     by_group = lambda x: x.reshape(-1, group_size).mean(axis=1)  # noqa: E731
     return {"success": group_interval(by_group(rewards.astype(float))),
@@ -56,6 +62,8 @@ def behaviour(env, episodes, group_size: int) -> dict:
             "success if it does": float(rewards[gamble].mean()) if gamble.any() else float("nan"),
             "success if it tests": float(rewards[~gamble].mean()) if (~gamble).any() else float("nan"),
             "unparseable reply": float(invalid.mean()),
+            "unparseable, opening like a replace": (float(np.mean([t.startswith("replace") for t in unparseable]))
+                                                    if unparseable else float("nan")),
             "tokens, successes": float(tokens[rewards == 1].mean()) if (rewards == 1).any() else float("nan"),
             "tokens, failures": float(tokens[rewards == 0].mean()) if (rewards == 0).any() else float("nan")}
 
@@ -76,6 +84,25 @@ def pushes(env, episodes, group_size: int) -> dict:
             '"dapo" / "dr_grpo" (token-level)': group_interval(token, 2)}
 
 
+def step_kind(env, reply, turn: int) -> str:
+    if reply is None:
+        return "unparseable reply"
+    kind = "test" if env.replies[reply].startswith("test") else "replace"
+    return kind + (" (first turn)" if turn == 0 else " (later turn)")
+
+
+def by_step_kind(env, episodes, results) -> dict[str, tuple[int, float, float]]:
+    """``{kind: (steps, mean progress advantage, mean exact A*)}`` over the assistant steps of labelled episodes."""
+    rows: dict[str, list] = {}
+    for episode, result in zip(episodes, results):
+        exact = episode.metadata["exact_advantage"]
+        for turn, (reply, step) in enumerate(zip(episode.metadata["replies"], result.steps)):
+            if exact[turn] is not None:
+                rows.setdefault(step_kind(env, reply, turn), []).append((step.advantage, exact[turn]))
+    return {kind: (len(v), float(np.mean([a for a, _ in v])), float(np.mean([b for _, b in v])))
+            for kind, v in sorted(rows.items())}
+
+
 def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -90,6 +117,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="*", help="checkpoint steps to read (default: each run's last)")
     parser.add_argument("--episodes-per-task", type=int, default=32)
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--by-step-kind", nargs="*", default=["dapo-no-bias-correction"],
+                        help="runs whose scorer is read per kind of step (none: skip)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = load_config(args.config)
@@ -119,17 +148,39 @@ def main() -> None:
     ci = lambda v: f"{v[0]:.3f} [{v[1]:.2f}, {v[2]:.2f}]"  # noqa: E731
     print(f"## Behaviour ({len(tasks)} episodes per policy, seed {args.seed})\n")
     print("| policy | success | opens with a replace | success if it does | success if it tests | unparseable reply "
-          "| policy tokens: successes | failures |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "| of those replies, starting with \"replace\" | policy tokens: successes | failures |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, b in rows:
         print(f"| {name} | {ci(b['success'])} | {ci(b['opens with replace'])} | {b['success if it does']:.3f} | "
-              f"{b['success if it tests']:.3f} | {b['unparseable reply']:.3f} | {b['tokens, successes']:.1f} | "
+              f"{b['success if it tests']:.3f} | {b['unparseable reply']:.3f} | "
+              f"{b['unparseable, opening like a replace']:.3f} | {b['tokens, successes']:.1f} | "
               f"{b['tokens, failures']:.1f} |")
     print("\n## Push on opening with a replace, on the reference's episodes (positive: the loss makes it likelier)\n")
     print("| loss | push per group |")
     print("|---|---:|")
     for loss, value in pushes(env, reference_episodes, cfg.group_size).items():
         print(f"| {loss} | {value[0]:+.4f} [{value[1]:+.4f}, {value[2]:+.4f}] |")
+
+    from progadv_trl import ProgressAdvantageScorer
+    from progadv_trl.envs.demo import prepare_exact
+    from progadv_trl.envs.sampling import sample_episodes
+
+    runs = {run.name: run for run in cfg.runs}
+    for name in args.by_step_kind:
+        if name not in runs:
+            raise SystemExit(f"--by-step-kind {name!r}: no such run in {args.config!r} ({', '.join(runs)})")
+        labels = prepare_exact(demo / "cache", env, policies["reference"], cfg)
+        scorer = ProgressAdvantageScorer.from_pretrained(demo / name / "_progadv" / "scorer")
+        reference = AutoModelForCausalLM.from_pretrained(str(policies["reference"])).eval()
+        print(f"\n## {name}: progress advantage and exact A* by kind of step ({cfg.eval_episodes} episodes each)\n")
+        print("| episodes of | step | steps | mean progress advantage | mean exact A* |")
+        print("|---|---|---:|---:|---:|")
+        for who, model in (("the run's policy", scorer.policy.model), ("the reference", reference)):
+            episodes = sample_episodes(model, scorer.tokenizer, env, cfg.eval_episodes, cfg.temperature,
+                                       seed=cfg.seed + 20_000, solver=labels.solver(runs[name].exact_beta),
+                                       group_size=cfg.group_size)
+            for kind, (n, pa, exact) in by_step_kind(env, episodes, scorer.score(episodes)).items():
+                print(f"| {who} | {kind} | {n} | {pa:+.3f} | {exact:+.3f} |")
 
 
 if __name__ == "__main__":
