@@ -34,20 +34,29 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from progadv_trl.envs.repair import ACTIONS  # noqa: E402
+
 N_BOOTSTRAP = 1000
 
 
 def group_interval(values_by_group: np.ndarray, seed: int = 0) -> tuple[float, float, float]:
     """Mean over groups and its 95% bootstrap interval (groups resampled with replacement)."""
+    from progadv_trl.envs.evaluation import interval
+
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(values_by_group), (N_BOOTSTRAP, len(values_by_group)))
-    means = values_by_group[draws].mean(axis=1)
-    return float(values_by_group.mean()), float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+    low, high = interval(values_by_group[draws].mean(axis=1))
+    return float(values_by_group.mean()), low, high
+
+
+def action(env, reply) -> str:
+    """The tool call a valid reply makes, whatever its spelling: ``"test(pump)"``, ``"replace(valve)"``, ..."""
+    return ACTIONS[env.reply_action[reply]]
 
 
 def opens_with_replace(env, episode) -> bool:
     first = episode.replies[0] if episode.replies else None
-    return first is not None and env.replies[first].startswith(("replace", "swap"))
+    return first is not None and action(env, first).startswith("replace")
 
 
 def behaviour(env, episodes, group_size: int) -> dict:
@@ -87,7 +96,7 @@ def pushes(env, episodes, group_size: int) -> dict:
 def step_kind(env, reply, turn: int) -> str:
     if reply is None:
         return "unparseable reply"
-    kind = "test" if env.replies[reply].startswith("test") else "replace"
+    kind = action(env, reply).split("(")[0]
     return kind + (" (first turn)" if turn == 0 else " (later turn)")
 
 
@@ -166,12 +175,14 @@ def main() -> None:
     from progadv_trl.envs.sampling import sample_episodes
 
     runs = {run.name: run for run in cfg.runs}
-    for name in args.by_step_kind:
-        if name not in runs:
-            raise SystemExit(f"--by-step-kind {name!r}: no such run in {args.config!r} ({', '.join(runs)})")
+    unknown = [name for name in args.by_step_kind if name not in runs]
+    if unknown:
+        raise SystemExit(f"--by-step-kind {unknown[0]!r}: no such run in {args.config!r} ({', '.join(runs)})")
+    if args.by_step_kind:
         labels = prepare_exact(demo / "cache", env, policies["reference"], cfg)
-        scorer = ProgressAdvantageScorer.from_pretrained(demo / name / "_progadv" / "scorer")
         reference = AutoModelForCausalLM.from_pretrained(str(policies["reference"])).eval()
+    for name in args.by_step_kind:
+        scorer = ProgressAdvantageScorer.from_pretrained(demo / name / "_progadv" / "scorer")
         print(f"\n## {name}: progress advantage and exact A* by kind of step ({cfg.eval_episodes} episodes each)\n")
         print("| episodes of | step | steps | mean progress advantage | mean exact A* |")
         print("|---|---|---:|---:|---:|")
